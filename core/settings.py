@@ -1,0 +1,54 @@
+"""One typed settings object: *where* things are, read from ``BQG_*`` environment variables.
+
+Build it at the process edge (``Settings()`` in a CLI command or an app builder), never at
+import time. Run hyperparameters do not live here; they are dataclass fields next to the
+code that uses them, and are saved with the bundles they produce.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+class Settings(BaseSettings):
+    """Locations, ports and tokens. Every field reads ``BQG_<NAME>`` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="BQG_", extra="ignore")
+
+    store: Path = Field(
+        default=Path("var/store"),
+        description="Directory holding model bundles, round artifacts and the default SQLite file.",
+    )
+    db: str | None = Field(
+        default=None,
+        # DATABASE_URL is the conventional name; BQG_DB wins when both are set.
+        validation_alias=AliasChoices("BQG_DB", "DATABASE_URL"),
+        description="SQLAlchemy URL. Default: sqlite:///<store>/quarantine.db.",
+    )
+    fashion_mnist_dir: Path = Field(
+        default=DEFAULT_FASHION_MNIST_DIR,
+        # The stable data contract names FASHION_MNIST_DIR without our prefix.
+        validation_alias=AliasChoices("FASHION_MNIST_DIR", "BQG_FASHION_MNIST_DIR"),
+    )
+    threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        description="CPU threads torch may use for training and inference.",
+    )
+    trusted_arch_modules: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Python modules that bundles may name in `arch` as `module:Class`. A bundle comes "
+            "from an untrusted party, so importing code it names is opt-in."
+        ),
+    )
+
+    @property
+    def db_url(self) -> str:
+        return self.db or f"sqlite:///{self.store / 'quarantine.db'}"
