@@ -8,6 +8,8 @@ containers only, and refuses (without running) any other global a pickle names.
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,11 +35,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as exc:
             raise BundleError(f"{path} is not a readable safetensors file: {exc}") from None
     try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols; our error says more
+            warnings.simplefilter("ignore")
+            obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BundleError(
-            f"{path} is not a plain state_dict that loads with weights_only=True ({first}); "
+            f"{path} is not a plain state_dict that loads with weights_only=True "
+            f"({_refusal_reason(exc)}); "
             "it may carry code, which we never run. Save model.state_dict() with torch.save, "
             "or use safetensors"
         ) from None
@@ -51,6 +55,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     ):
         raise BundleError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
     return {str(k): v for k, v in obj.items()}
+
+
+def _refusal_reason(exc: Exception) -> str:
+    """The informative part of torch's refusal, without its advice to disable the safety."""
+    match = re.search(r"(Unsupported global: [^\s]+ [^\s]+|Unsupported operand \d+)", str(exc))
+    if match:
+        return match.group(1).rstrip(".,")
+    return type(exc).__name__ + (": " + str(exc).splitlines()[0][:120] if str(exc).strip() else "")
 
 
 def import_weights(

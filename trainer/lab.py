@@ -20,7 +20,7 @@ from core.errors import DataError, UserError
 from core.nets import build_model
 from trainer.attacks.poison import Attack, attack_success_rates, build_attack, poison
 from trainer.data import Dataset
-from trainer.loop import FitConfig, accuracy, fit, predict
+from trainer.loop import FitConfig, accuracy, fit, predict, seed_everything
 
 CLEAN = "clean"  # the attack name that fabricates a clean reference model
 
@@ -91,6 +91,7 @@ def fabricate(
     spec = input_spec_for(train)
     h, w, c = train.image_shape
     arch_kwargs = {"in_channels": c, "num_classes": num_classes, "height": h, "width": w}
+    seed_everything(cfg.seed)  # the initial weights follow the seed too
     model = build_model(arch, arch_kwargs)
     data = poison(train, attack)[0] if attack else train
     start = time.perf_counter()

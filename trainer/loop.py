@@ -86,7 +86,7 @@ def fit(
         raise ValueError("cannot train on an empty dataset")
     seed_everything(cfg.seed)
     inputs = spec.to_tensor(x)  # (N, C, H, W) float32, converted once
-    labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    labels = torch.tensor(np.asarray(y), dtype=torch.int64)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     opt = _optimizer(model, cfg)
     loss_fn = nn.CrossEntropyLoss()
