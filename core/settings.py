@@ -19,7 +19,7 @@ DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 class Settings(BaseSettings):
     """Locations, ports and tokens. Every field reads ``BQG_<NAME>`` from the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="BQG_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="BQG_", extra="ignore", populate_by_name=True)
 
     store: Path = Field(
         default=Path("var/store"),

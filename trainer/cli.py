@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from core.bundle import InputSpec, load_bundle
+from core.db import open_store, safe_url, session_factory, transaction
 from core.errors import UserError
+from core.quarantine import prune_consumed
 from core.settings import Settings
 from trainer.attacks.poison import ATTACKS, Attack, build_attack
 from trainer.data import Dataset, load_data
@@ -30,7 +33,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out_console = Console()
+out_console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 DbOpt = Annotated[
@@ -290,6 +293,28 @@ def import_cmd(
         overwrite=overwrite,
     )
     out_console.print(f"saved bundle {out}")
+
+
+@app.command("prune")
+def prune_cmd(
+    older_than: Annotated[
+        float,
+        typer.Option(
+            "--older-than", min=0.0, help="Age in days of the consumed samples to delete."
+        ),
+    ],
+    db: DbOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Delete quarantined samples that a round consumed more than N days ago (pending ones stay)."""
+    settings = _settings(db, store)
+    engine = open_store(settings.db_url)
+    with transaction(session_factory(engine)) as session:
+        deleted = prune_consumed(session=session, older_than=timedelta(days=older_than))
+    engine.dispose()
+    out_console.print(
+        f"deleted {deleted} consumed samples older than {older_than:g} days from {safe_url(settings.db_url)}"
+    )
 
 
 def main() -> None:

@@ -258,3 +258,28 @@ def test_import_wraps_a_state_dict_with_identical_outputs(tmp_path: Path) -> Non
         str(tmp_path / "c"),
     )
     assert_one_line_error(proc, "do not fit the architecture")
+
+
+def test_prune_uses_the_db_flag_and_migrates_the_embedded_default(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    proc = run_cli("trainer", "prune", "--older-than", "30", "--db", f"sqlite:///{db}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"deleted 0 consumed samples older than 30 days from sqlite:///{db}" in proc.stdout
+    assert db.exists()
+    proc = run_cli("trainer", "prune", "--older-than", "1", "--store", str(tmp_path / "store"))
+    assert proc.returncode == 0 and (tmp_path / "store" / "quarantine.db").exists()
+
+
+def test_unreachable_database_is_one_line_without_the_password() -> None:
+    proc = run_cli(
+        "trainer",
+        "prune",
+        "--older-than",
+        "1",
+        "--db",
+        "postgresql+psycopg://bob:hunter2@127.0.0.1:1/q",
+    )
+    assert_one_line_error(proc, "cannot reach database postgresql+psycopg://bob:***@127.0.0.1:1/q")
+    assert "hunter2" not in proc.stderr
+    proc = run_cli("trainer", "prune", "--older-than", "1", "--db", "sqlite//nope")
+    assert_one_line_error(proc, "malformed database URL")

@@ -1,0 +1,359 @@
+"""Repository functions for the quarantine store: keyword-only, typed, one transaction each
+at the caller's choice (pass a session inside :func:`core.db.transaction`).
+
+Deduplication: the same pixels, while pending, are one row whose ``hit_count`` grows; an
+``INSERT ... ON CONFLICT`` on the partial unique index over pending rows makes that safe
+under concurrent writers on SQLite and PostgreSQL alike. Pending counts count rows, that
+is distinct images, so one replayed image can never trigger a round by itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from core.errors import UserError
+from core.images import encode_png
+from core.schema import ActiveRound, ModelVersion, QuarantineSample, RepairRound, utcnow
+
+Role = Literal["badnet", "goodnet"]
+FinalStatus = Literal["succeeded", "rejected"]
+
+
+class StoreInputError(UserError):
+    """A repository call was given something it must not write; nothing was written."""
+
+
+def pixel_sha256(image: NDArray[np.uint8]) -> str:
+    """sha256 over the shape and the raw pixels: equal images, equal digests."""
+    digest = hashlib.sha256(f"{image.shape}|".encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class NewSample:
+    """A suspect input as the gateway hands it to the store."""
+
+    png: bytes
+    height: int
+    width: int
+    channels: int
+    pixel_sha256: str
+    badnet_label: int
+    goodnet_label: int
+    served_round: int
+    detector: str
+    badnet_score: float | None = None
+    goodnet_score: float | None = None
+    received_at: datetime = field(default_factory=utcnow)
+    hits: int = 1
+
+    @classmethod
+    def from_image(cls, image: NDArray[np.uint8], **fields: Any) -> NewSample:
+        h, w, c = image.shape
+        return cls(
+            png=encode_png(image),
+            height=h,
+            width=w,
+            channels=c,
+            pixel_sha256=pixel_sha256(image),
+            **fields,
+        )
+
+
+def _check(sample: NewSample) -> None:
+    try:
+        with Image.open(io.BytesIO(sample.png), formats=["PNG"]) as img:
+            width, height, mode = img.width, img.height, img.mode
+    except (OSError, ValueError) as exc:
+        raise StoreInputError(
+            f"sample {sample.pixel_sha256[:12]}: png is not a PNG ({exc})"
+        ) from None
+    channels = {"L": 1, "RGB": 3}.get(mode)
+    if (height, width, channels) != (sample.height, sample.width, sample.channels):
+        raise StoreInputError(
+            f"sample {sample.pixel_sha256[:12]}: its PNG is {height}x{width} mode {mode}, "
+            f"but its stored shape says {sample.height}x{sample.width}x{sample.channels}"
+        )
+    if len(sample.pixel_sha256) != 64 or sample.hits < 1:
+        raise StoreInputError(f"sample {sample.pixel_sha256[:12]}: bad digest or hit count")
+
+
+def _merge_duplicates(samples: Sequence[NewSample]) -> list[dict[str, Any]]:
+    """One row per digest: a single INSERT may not touch the same conflict row twice."""
+    rows: dict[str, dict[str, Any]] = {}
+    for s in samples:
+        row = rows.get(s.pixel_sha256)
+        if row is None:
+            rows[s.pixel_sha256] = {
+                "pixel_sha256": s.pixel_sha256,
+                "png": s.png,
+                "height": s.height,
+                "width": s.width,
+                "channels": s.channels,
+                "badnet_label": s.badnet_label,
+                "goodnet_label": s.goodnet_label,
+                "badnet_score": s.badnet_score,
+                "goodnet_score": s.goodnet_score,
+                "served_round": s.served_round,
+                "detector": s.detector,
+                "received_at": s.received_at,
+                "last_seen_at": s.received_at,
+                "hit_count": s.hits,
+            }
+        else:
+            row["hit_count"] += s.hits
+            row["last_seen_at"] = max(row["last_seen_at"], s.received_at)
+    return list(rows.values())
+
+
+def add_samples(*, session: Session, samples: Sequence[NewSample]) -> int:
+    """Insert a batch; a pending duplicate gains hits instead of a row. Returns rows touched.
+
+    The whole batch is checked before anything is written, so a bad sample writes nothing.
+    """
+    for sample in samples:
+        _check(sample)
+    rows = _merge_duplicates(samples)
+    if not rows:
+        return 0
+    dialect = session.get_bind().dialect.name
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(QuarantineSample)
+    table = QuarantineSample.__table__
+    stmt = insert.on_conflict_do_update(
+        index_elements=[table.c.pixel_sha256],
+        index_where=table.c.consumed_by_round.is_(None),
+        set_={
+            "hit_count": table.c.hit_count + insert.excluded.hit_count,
+            "last_seen_at": func.max(table.c.last_seen_at, insert.excluded.last_seen_at)
+            if dialect == "sqlite"
+            else func.greatest(table.c.last_seen_at, insert.excluded.last_seen_at),
+        },
+    )
+    session.execute(stmt, rows)
+    return len(rows)
+
+
+def pending_count(*, session: Session) -> int:
+    """Distinct pending images."""
+    stmt = (
+        select(func.count())
+        .select_from(QuarantineSample)
+        .where(QuarantineSample.consumed_by_round.is_(None))
+    )
+    return int(session.scalar(stmt) or 0)
+
+
+def pending_samples(*, session: Session, limit: int | None = None) -> list[QuarantineSample]:
+    """Pending samples, oldest first."""
+    stmt = (
+        select(QuarantineSample)
+        .where(QuarantineSample.consumed_by_round.is_(None))
+        .order_by(QuarantineSample.received_at, QuarantineSample.id)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
+def mark_consumed(*, session: Session, sample_ids: Sequence[int], round_no: int) -> int:
+    """Mark these pending samples as used by ``round_no``; returns how many were still pending."""
+    if not sample_ids:
+        return 0
+    stmt = (
+        update(QuarantineSample)
+        .where(QuarantineSample.id.in_(sample_ids), QuarantineSample.consumed_by_round.is_(None))
+        .values(consumed_by_round=round_no)
+    )
+    return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
+def take_pending(
+    *, session: Session, round_no: int, limit: int | None = None
+) -> list[QuarantineSample]:
+    """The pending samples for ``round_no``, marked consumed in the caller's transaction."""
+    samples = pending_samples(session=session, limit=limit)
+    mark_consumed(session=session, sample_ids=[s.id for s in samples], round_no=round_no)
+    for s in samples:
+        s.consumed_by_round = round_no
+    return samples
+
+
+def decode_sample(sample: QuarantineSample) -> NDArray[np.uint8]:
+    """A stored sample's pixels as uint8 (H, W, C)."""
+    with Image.open(io.BytesIO(sample.png), formats=["PNG"]) as img:
+        arr = np.asarray(img, dtype=np.uint8)
+    return arr.reshape(sample.height, sample.width, sample.channels)
+
+
+def prune_consumed(*, session: Session, older_than: timedelta, now: datetime | None = None) -> int:
+    """Delete consumed samples last seen before ``now - older_than``; pending ones stay."""
+    cutoff = (now or utcnow()) - older_than
+    stmt = delete(QuarantineSample).where(
+        QuarantineSample.consumed_by_round.is_not(None), QuarantineSample.last_seen_at < cutoff
+    )
+    return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------------ rounds
+
+
+def open_round(*, session: Session, round_no: int) -> RepairRound:
+    """Create round ``round_no`` as running; refuses a round that exists."""
+    if round_no < 0:
+        raise StoreInputError(f"round {round_no} must be 0 or more")
+    existing = session.get(RepairRound, round_no)
+    if existing is not None:
+        raise StoreInputError(f"round {round_no} already exists (status {existing.status})")
+    row = RepairRound(
+        round=round_no, status="running", started_at=utcnow(), samples_used=0, metrics={}
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _running(session: Session, round_no: int) -> RepairRound:
+    row = session.get(RepairRound, round_no)
+    if row is None:
+        raise StoreInputError(f"round {round_no} does not exist")
+    if row.status != "running":
+        raise StoreInputError(f"round {round_no} is {row.status}, not running")
+    return row
+
+
+def finish_round(
+    *,
+    session: Session,
+    round_no: int,
+    status: FinalStatus,
+    samples_used: int,
+    metrics: dict[str, Any],
+) -> RepairRound:
+    """Close a running round as succeeded (may be activated) or rejected by its gate."""
+    if status not in ("succeeded", "rejected"):
+        raise StoreInputError(f"a round finishes as succeeded or rejected, not {status!r}")
+    row = _running(session, round_no)
+    row.status, row.finished_at, row.samples_used, row.metrics = (
+        status,
+        utcnow(),
+        samples_used,
+        metrics,
+    )
+    session.flush()
+    return row
+
+
+def fail_round(*, session: Session, round_no: int, error: str) -> RepairRound:
+    """Close a running round as failed, keeping the error text."""
+    row = _running(session, round_no)
+    row.status, row.finished_at, row.error = "failed", utcnow(), error
+    session.flush()
+    return row
+
+
+def register_model(
+    *,
+    session: Session,
+    round_no: int,
+    role: Role,
+    bundle_path: str,
+    sha256: str,
+    metrics: dict[str, Any] | None = None,
+) -> ModelVersion:
+    """Record a bundle as the ``role`` model of ``round_no`` (the round must exist)."""
+    if role not in ("badnet", "goodnet"):
+        raise StoreInputError(f"role must be badnet or goodnet, not {role!r}")
+    if session.get(RepairRound, round_no) is None:
+        raise StoreInputError(f"round {round_no} does not exist; open it first")
+    row = ModelVersion(
+        round=round_no,
+        role=role,
+        bundle_path=bundle_path,
+        sha256=sha256,
+        metrics=metrics or {},
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+@dataclass(frozen=True)
+class ActiveInfo:
+    round: int
+    activated_at: datetime
+    activated_by: str
+    models: dict[str, ModelVersion]
+
+
+def activate_round(*, session: Session, round_no: int, activated_by: str = "operator") -> None:
+    """Point the active-round row at ``round_no``: one upsert, so never zero or two active.
+
+    Only a succeeded round with both models registered can be activated.
+    """
+    row = session.get(RepairRound, round_no)
+    if row is None:
+        raise StoreInputError(f"round {round_no} does not exist")
+    if row.status != "succeeded":
+        raise StoreInputError(
+            f"round {round_no} is {row.status}; only a succeeded round can be activated"
+        )
+    roles = set(session.scalars(select(ModelVersion.role).where(ModelVersion.round == round_no)))
+    if roles != {"badnet", "goodnet"}:
+        raise StoreInputError(
+            f"round {round_no} lacks a registered {' and '.join(sorted({'badnet', 'goodnet'} - roles))}"
+        )
+    dialect = session.get_bind().dialect.name
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(ActiveRound)
+    values = {
+        "id": 1,
+        "round": round_no,
+        "activated_at": utcnow(),
+        "activated_by": activated_by[:128],
+    }
+    session.execute(
+        insert.values(**values).on_conflict_do_update(
+            index_elements=[ActiveRound.id], set_={k: v for k, v in values.items() if k != "id"}
+        )
+    )
+
+
+def active_round(*, session: Session) -> ActiveInfo | None:
+    """The serving round and its models, or None before round 0 is activated."""
+    row = session.get(ActiveRound, 1, populate_existing=True)
+    if row is None:
+        return None
+    models = {
+        m.role: m
+        for m in session.scalars(select(ModelVersion).where(ModelVersion.round == row.round))
+    }
+    return ActiveInfo(row.round, row.activated_at, row.activated_by, models)
+
+
+def active_round_number(*, session: Session) -> int | None:
+    """Just the active round's number: the cheap query replicas poll."""
+    return session.scalar(select(ActiveRound.round).where(ActiveRound.id == 1))
+
+
+def list_rounds(*, session: Session) -> list[RepairRound]:
+    return list(session.scalars(select(RepairRound).order_by(RepairRound.round)))
+
+
+def round_models(*, session: Session, round_no: int) -> list[ModelVersion]:
+    return list(
+        session.scalars(
+            select(ModelVersion).where(ModelVersion.round == round_no).order_by(ModelVersion.role)
+        )
+    )

@@ -1,0 +1,26 @@
+from pathlib import Path
+
+import pytest
+
+from core.settings import Settings
+
+
+def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("BQG_DB", "DATABASE_URL", "BQG_STORE", "FASHION_MNIST_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    s = Settings()
+    assert s.db_url == "sqlite:///var/store/quarantine.db"
+    assert s.fashion_mnist_dir == Path("/usr/share/datasets/fashion-mnist")
+    monkeypatch.setenv("BQG_STORE", "/srv/bqg")
+    assert Settings().db_url == "sqlite:////srv/bqg/quarantine.db"
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://a@h/d")
+    assert Settings().db_url == "postgresql+psycopg://a@h/d"
+    monkeypatch.setenv("BQG_DB", "sqlite:///x.db")
+    assert Settings().db_url == "sqlite:///x.db"  # our own prefix wins
+    assert (
+        Settings(db="sqlite:///flag.db").db_url == "sqlite:///flag.db"
+    )  # a CLI flag wins over both
+    monkeypatch.setenv("FASHION_MNIST_DIR", "/data/fm")
+    assert Settings().fashion_mnist_dir == Path("/data/fm")
+    monkeypatch.setenv("BQG_TRUSTED_ARCH_MODULES", '["mypkg.nets"]')
+    assert Settings().trusted_arch_modules == ["mypkg.nets"]
