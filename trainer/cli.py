@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress
 from rich.table import Table
+from sqlalchemy.orm import Session, sessionmaker
 
 from core.bundle import InputSpec, load_bundle
 from core.db import open_store, safe_url, session_factory, transaction
@@ -26,6 +29,17 @@ from trainer.data import Dataset, load_data
 from trainer.importer import import_weights
 from trainer.lab import CLEAN, attack_of, evaluate, fabricate
 from trainer.loop import FitConfig, set_threads
+from trainer.prepare import (
+    DEFAULT_ALPHAS,
+    DEFAULT_GAMMAS,
+    PrepareConfig,
+    check_validation,
+    prepare_round_zero,
+    run_ray,
+    run_sequential,
+    start_local_ray,
+)
+from trainer.report import grid_table
 
 app = typer.Typer(
     help="Train, import, evaluate and repair the models the gateway serves (NNoculation).",
@@ -293,6 +307,105 @@ def import_cmd(
         overwrite=overwrite,
     )
     out_console.print(f"saved bundle {out}")
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated numbers, got {text!r}") from None
+
+
+def _open_sessions(settings: Settings) -> sessionmaker[Session]:
+    return session_factory(open_store(settings.db_url))
+
+
+@app.command("prepare")
+def prepare_cmd(
+    model: Annotated[Path, typer.Option(help="The suspect model's bundle (possibly a BadNet).")],
+    valid: Annotated[
+        str,
+        typer.Option(
+            help="Clean validation data spec; bare fashion-mnist means its 1,000-image valid split."
+        ),
+    ] = "fashion-mnist",
+    ca_drop: Annotated[
+        float, typer.Option(help="theta: the most clean accuracy, in points, the GoodNet may lose.")
+    ] = PrepareConfig.ca_drop,
+    epochs: Annotated[
+        int, typer.Option(help="Retraining epochs per candidate.")
+    ] = PrepareConfig.epochs,
+    alphas: Annotated[
+        str, typer.Option(help="Learning-rate multiples of the suspect's base rate.")
+    ] = ",".join(f"{a:g}" for a in DEFAULT_ALPHAS),
+    gammas: Annotated[
+        str, typer.Option(help="Noise fractions (of the 4x4 cells replaced).")
+    ] = ",".join(f"{g:g}" for g in DEFAULT_GAMMAS),
+    base_lr: Annotated[
+        float | None,
+        typer.Option(help="Base learning rate. Default: the one in the bundle's meta, else 1e-3."),
+    ] = None,
+    parallel: Annotated[
+        bool | None,
+        typer.Option(
+            "--parallel/--sequential",
+            help="Run candidates as Ray tasks. Default: when Ray starts and there are 2+ threads.",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option()] = PrepareConfig.seed,
+    db: DbOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Make the GoodNet (NNoculation pre-deployment) and register, then activate, round 0."""
+    settings = _settings(db, store)
+    cfg = PrepareConfig(
+        alphas=_floats(alphas, "--alphas"),
+        gammas=_floats(gammas, "--gammas"),
+        ca_drop=ca_drop,
+        epochs=epochs,
+        seed=seed,
+    )
+    cfg.validate()
+    suspect = load_bundle(model, trusted_modules=settings.trusted_arch_modules)
+    data = _load(valid, settings, "valid")
+    check_validation(suspect, data)
+    sessions = _open_sessions(settings)
+    use_ray = parallel if parallel is not None else settings.threads > 1
+    runner = run_ray if use_ray and start_local_ray(settings.threads) else run_sequential
+    if use_ray and runner is run_sequential:
+        err_console.print("Ray could not start here; running the candidates in sequence")
+    total = len(cfg.alphas) * len(cfg.gammas)
+    with Progress(
+        *Progress.get_default_columns(), MofNCompleteColumn(), console=err_console
+    ) as bar:
+        task = bar.add_task(f"GoodNet grid ({runner.__name__.removeprefix('run_')})", total=total)
+        result, path = prepare_round_zero(
+            suspect_dir=model,
+            suspect=suspect,
+            valid=data,
+            cfg=cfg,
+            sessions=sessions,
+            store=settings.store,
+            base_lr=base_lr,
+            runner=runner,
+            on_candidate=lambda c: bar.advance(task),
+        )
+    sel = result.selection
+    out_console.print(
+        grid_table(
+            [asdict(c) for c in result.candidates],
+            chosen=(sel.candidate.alpha, sel.candidate.gamma),
+            threshold=sel.threshold,
+        )
+    )
+    if not sel.qualified:
+        out_console.print(
+            f"no candidate kept clean accuracy within {cfg.ca_drop:g} points; kept the smallest drop instead"
+        )
+    out_console.print(
+        f"round 0 is active: badnet CA {100 * result.suspect_accuracy:.2f}%, goodnet CA {100 * sel.candidate.clean_accuracy:.2f}% "
+        f"(alpha {sel.candidate.alpha:g}x, gamma {sel.candidate.gamma:.1f}) in {result.seconds:.0f}s; bundles and report in {path}"
+    )
 
 
 @app.command("prune")

@@ -1,0 +1,206 @@
+"""Pre-deployment: the noise operation, the paper's selection rule, and round 0 in the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.bundle import load_bundle, read_manifest
+from core.db import open_store, session_factory
+from core.errors import DataError, UserError
+from core.quarantine import active_round, list_rounds
+from tests.conftest import make_blobs
+from trainer.data import Dataset
+from trainer.lab import fabricate
+from trainer.loop import FitConfig
+from trainer.noise import add_noise
+from trainer.prepare import (
+    Candidate,
+    PrepareConfig,
+    grid_search,
+    prepare_round_zero,
+    run_sequential,
+    select_goodnet,
+)
+
+
+@pytest.mark.parametrize("gamma", [0.1, 0.3, 0.6])
+def test_noise_replaces_about_gamma_of_the_cells_around_128(gamma: float) -> None:
+    x = np.full((400, 28, 28, 1), 3, dtype=np.uint8)
+    out = add_noise(x, gamma=gamma, seed=1)
+    cells = out.reshape(400, 4, 7, 4, 7).transpose(0, 1, 3, 2, 4).reshape(400, 16, 49)
+    changed = (cells != 3).mean(axis=2)  # per cell: fraction of its pixels changed
+    replaced = changed > 0.8
+    untouched = changed == 0.0
+    assert (replaced | untouched).all()  # whole 7x7 cells, never a part
+    assert replaced.mean() == pytest.approx(gamma, abs=0.03)
+    values = cells[replaced].astype(float)
+    assert values.mean() == pytest.approx(128, abs=3) and values.std() == pytest.approx(
+        0.4 * 128, abs=4
+    )
+    assert np.array_equal(
+        add_noise(x[:5], gamma=gamma, seed=1), add_noise(x[:5], gamma=gamma, seed=1)
+    )
+
+
+# NNoculation Table 2 (BadNet-FSA): baseline CA 91.34%, theta = 3; the paper picks alpha 0.004, gamma 60%.
+TABLE_2 = {
+    0.001: [92.55, 93.3, 93.39, 92.09, 92.46, 93.58],
+    0.003: [86.79, 88.27, 88.46, 90.41, 89.02, 88.46],
+    0.004: [85.3, 87.53, 85.3, 86.04, 87.06, 88.46],
+    0.005: [81.86, 80.0, 87.72, 81.39, 82.13, 86.13],
+    0.006: [83.9, 81.48, 83.72, 82.41, 83.62, 84.65],
+}
+
+
+def _table_2() -> list[Candidate]:
+    return [
+        Candidate(alpha=a, lr=a, gamma=(i + 1) / 10, clean_accuracy=ca / 100, seconds=0.0)
+        for a, cas in TABLE_2.items()
+        for i, ca in enumerate(cas)
+    ]
+
+
+def test_selection_reproduces_table_2() -> None:
+    selection = select_goodnet(_table_2(), suspect_accuracy=0.9134, ca_drop=3.0)
+    assert selection.qualified
+    assert (selection.candidate.alpha, selection.candidate.gamma) == (0.004, 0.6)
+    # theta = 1 point: at alpha 0.003 only gamma 40% (90.41%) stays above 90.34%
+    tight = select_goodnet(_table_2(), suspect_accuracy=0.9134, ca_drop=1.0)
+    assert (tight.candidate.alpha, tight.candidate.gamma) == (0.003, 0.4)
+    # theta = 0: only alpha 0.001 keeps the baseline; its largest gamma is 60%
+    zero = select_goodnet(_table_2(), suspect_accuracy=0.9134, ca_drop=0.0)
+    assert (zero.candidate.alpha, zero.candidate.gamma) == (0.001, 0.6)
+
+
+def test_selection_without_a_qualified_candidate_keeps_the_smallest_drop() -> None:
+    selection = select_goodnet(_table_2(), suspect_accuracy=0.99, ca_drop=3.0)
+    assert not selection.qualified and selection.candidate.clean_accuracy == pytest.approx(0.9358)
+
+
+@pytest.fixture(scope="module")
+def suspect(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("suspect") / "badnet"
+    data = make_blobs(400, shape=(28, 28, 1), classes=4)
+    fabricate(
+        train=data,
+        heldout=make_blobs(100, shape=(28, 28, 1), classes=4, seed=3),
+        attack_name="patch",
+        target=1,
+        out=out,
+        fit_config=FitConfig(epochs=2, batch_size=32),
+        progress=False,
+    )
+    return out
+
+
+SMALL = PrepareConfig(alphas=(1.0, 4.0), gammas=(0.2, 0.5), epochs=1, batch_size=32)
+
+
+def _valid() -> Dataset:
+    return make_blobs(120, shape=(28, 28, 1), classes=4, seed=9)
+
+
+def _store(tmp_path: Path) -> sessionmaker[Session]:
+    return session_factory(open_store(f"sqlite:///{tmp_path / 'q.db'}"))
+
+
+def test_prepare_registers_and_activates_round_zero(suspect: Path, tmp_path: Path) -> None:
+    sessions = _store(tmp_path)
+    result, path = prepare_round_zero(
+        suspect_dir=suspect,
+        suspect=load_bundle(suspect),
+        valid=_valid(),
+        cfg=SMALL,
+        sessions=sessions,
+        store=tmp_path,
+    )
+    assert len(result.candidates) == 4 and result.selection.candidate in result.candidates
+    with sessions() as s:
+        info = active_round(session=s)
+        assert info is not None and info.round == 0
+        assert info.models["badnet"].sha256 == read_manifest(suspect).weights_sha256  # unchanged
+        assert info.models["goodnet"].sha256 == read_manifest(path / "goodnet").weights_sha256
+        (row,) = list_rounds(session=s)
+        assert (
+            row.status == "succeeded" and row.metrics["gamma"] == result.selection.candidate.gamma
+        )
+    goodnet = load_bundle(path / "goodnet")
+    assert goodnet.manifest.meta["selection"]["chosen"]["alpha"] == result.selection.candidate.alpha
+    assert (path / "report.json").is_file() and (path / "grid_ca.png").stat().st_size > 1000
+    # a second prepare into the same store is refused and changes nothing
+    with pytest.raises(UserError, match="round 0 already exists"):
+        prepare_round_zero(
+            suspect_dir=suspect,
+            suspect=load_bundle(suspect),
+            valid=_valid(),
+            cfg=SMALL,
+            sessions=sessions,
+            store=tmp_path,
+        )
+    assert read_manifest(path / "goodnet").weights_sha256 == goodnet.manifest.weights_sha256
+
+
+def _bad_valid(kind: str) -> Dataset:
+    v = _valid()
+    if kind == "shape":
+        return Dataset(np.zeros((50, 32, 32, 3), np.uint8), v.y[:50], v.class_names, "rgb")
+    if kind == "classes":
+        return Dataset(v.x, (v.y + 3).astype(np.int64), v.class_names, "shifted")
+    return v.take(slice(0, 0))
+
+
+@pytest.mark.parametrize(
+    ("valid_kind", "cfg", "error", "message"),
+    [
+        ("shape", SMALL, DataError, "validation images are 32x32x3, but the model expects 28x28x1"),
+        ("classes", SMALL, DataError, "has label 6, but the model has 4 classes"),
+        ("empty", SMALL, DataError, "holds no images"),
+        (None, PrepareConfig(ca_drop=-1), UserError, "must be 0 or more"),
+        (None, PrepareConfig(alphas=()), UserError, "no candidates"),
+        (None, PrepareConfig(gammas=(0.0,)), UserError, r"in \(0, 1\]"),
+    ],
+)
+def test_bad_input_is_refused_and_writes_nothing(
+    suspect: Path,
+    tmp_path: Path,
+    valid_kind: str | None,
+    cfg: PrepareConfig,
+    error: type[Exception],
+    message: str,
+) -> None:
+    sessions = _store(tmp_path)
+    valid = _bad_valid(valid_kind) if valid_kind else _valid()
+    with pytest.raises(error, match=message):
+        prepare_round_zero(
+            suspect_dir=suspect,
+            suspect=load_bundle(suspect),
+            valid=valid,
+            cfg=cfg,
+            sessions=sessions,
+            store=tmp_path,
+        )
+    with sessions() as s:
+        assert list_rounds(session=s) == []
+    assert not (tmp_path / "rounds").exists()
+
+
+def test_grid_search_uses_only_the_defender_inputs(suspect: Path) -> None:
+    """The signature is the claim: a suspect bundle and clean data, no attack anywhere."""
+    import inspect
+
+    params = set(inspect.signature(grid_search).parameters)
+    assert params == {"suspect", "valid", "cfg", "base_lr", "runner", "on_candidate"}
+    result = grid_search(load_bundle(suspect), _valid(), SMALL, runner=run_sequential)
+    assert {(c.alpha, c.gamma) for c in result.candidates} == {
+        (1.0, 0.2),
+        (1.0, 0.5),
+        (4.0, 0.2),
+        (4.0, 0.5),
+    }
+    assert all(
+        c.lr == pytest.approx(c.alpha * 1e-3) for c in result.candidates
+    )  # the suspect's recorded base rate

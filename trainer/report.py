@@ -1,0 +1,76 @@
+"""Tables for the terminal and PNG plots for people: the CA/ASR grid heatmap."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from rich.table import Table
+
+
+def grid_table(
+    rows: Sequence[dict[str, float]], *, chosen: tuple[float, float], threshold: float
+) -> Table:
+    """One row per candidate: alpha, gamma, lr, held-out CA; the chosen one starred."""
+    table = Table(title=f"GoodNet candidates (CA threshold {100 * threshold:.2f}%)")
+    for name in ("alpha", "gamma", "lr", "CA %", "within theta", "s"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        star = " *" if (r["alpha"], r["gamma"]) == chosen else ""
+        table.add_row(
+            f"{r['alpha']:g}x",
+            f"{r['gamma']:.1f}",
+            f"{r['lr']:.2g}",
+            f"{100 * r['clean_accuracy']:.2f}{star}",
+            "yes" if r["clean_accuracy"] >= threshold - 1e-12 else "no",
+            f"{r['seconds']:.1f}",
+        )
+    return table
+
+
+def grid_heatmap(
+    values: dict[tuple[float, float], float],
+    path: Path,
+    *,
+    title: str,
+    chosen: tuple[float, float] | None = None,
+    cmap: str = "viridis",
+) -> Path:
+    """A gamma x alpha heatmap of percentages (as the paper's Figure 4), chosen cell starred."""
+    alphas = sorted({a for a, _ in values})
+    gammas = sorted({g for _, g in values})
+    grid = np.full((len(gammas), len(alphas)), np.nan)
+    for (a, g), v in values.items():
+        grid[gammas.index(g), alphas.index(a)] = 100 * v
+    fig, ax = plt.subplots(
+        figsize=(max(4.5, 1.2 + 0.9 * len(alphas)), max(2.5, 1.0 + 0.5 * len(gammas)))
+    )
+    im = ax.imshow(grid, cmap=cmap, aspect="auto", origin="lower", vmin=0, vmax=100)
+    for i, g in enumerate(gammas):
+        for j, a in enumerate(alphas):
+            mark = "*" if chosen == (a, g) else ""
+            ax.text(
+                j,
+                i,
+                f"{grid[i, j]:.1f}{mark}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if grid[i, j] < 60 else "black",
+            )
+    ax.set_xticks(range(len(alphas)), [f"{a:g}x" for a in alphas])
+    ax.set_yticks(range(len(gammas)), [f"{g:.1f}" for g in gammas])
+    ax.set_xlabel("learning rate alpha (x base)")
+    ax.set_ylabel("noise fraction gamma")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="%")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

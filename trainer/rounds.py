@@ -1,0 +1,97 @@
+"""Round artifacts on disk and their rows in the store, kept consistent.
+
+A round's files live in ``<store>/rounds/<K>/`` (``badnet/``, ``goodnet/``, reports). They
+are written to a temporary sibling and renamed into place before the round's rows are
+registered, so a registered bundle path always exists; if registering fails, the files
+are removed again and nothing points at them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.bundle import read_manifest
+from core.db import transaction
+from core.quarantine import activate_round, fail_round, finish_round, open_round, register_model
+
+ROLES = ("badnet", "goodnet")
+
+
+def round_dir(store: Path, round_no: int) -> Path:
+    return Path(store) / "rounds" / str(round_no)
+
+
+@contextmanager
+def running_round(sessions: sessionmaker[Session], round_no: int) -> Iterator[None]:
+    """Open ``round_no`` as running; if the body raises, mark it failed (and re-raise)."""
+    with transaction(sessions) as session:
+        open_round(session=session, round_no=round_no)
+    try:
+        yield
+    except BaseException as exc:
+        with transaction(sessions) as session:
+            fail_round(
+                session=session, round_no=round_no, error=f"{type(exc).__name__}: {exc}"[:4000]
+            )
+        raise
+
+
+def publish_round(
+    *,
+    sessions: sessionmaker[Session],
+    store: Path,
+    round_no: int,
+    write: Callable[[Path], None],
+    metrics: dict[str, Any],
+    samples_used: int = 0,
+    activate: bool = True,
+    activated_by: str = "trainer",
+    after_register: Callable[[Session], None] = lambda s: None,
+) -> Path:
+    """Write the round's files (``write`` fills a directory with badnet/ and goodnet/ bundles
+    and any reports), then register both bundles, finish the round as succeeded and, if
+    asked, activate it, all in one transaction. Returns the round directory."""
+    final = round_dir(store, round_no)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{round_no}.", dir=final.parent))
+    try:
+        write(tmp)
+        if final.exists():  # left by an earlier attempt that the store does not know
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        with transaction(sessions) as session:
+            for role in ROLES:
+                manifest = read_manifest(final / role)
+                register_model(
+                    session=session,
+                    round_no=round_no,
+                    role=role,  # type: ignore[arg-type]
+                    bundle_path=str((final / role).resolve()),
+                    sha256=manifest.weights_sha256,
+                    metrics=manifest.meta.get("metrics", {}),
+                )
+            after_register(session)
+            finish_round(
+                session=session,
+                round_no=round_no,
+                status="succeeded",
+                samples_used=samples_used,
+                metrics=metrics,
+            )
+            if activate:
+                activate_round(session=session, round_no=round_no, activated_by=activated_by)
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+    return final
