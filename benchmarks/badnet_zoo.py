@@ -24,7 +24,12 @@ import numpy as np
 from benchmarks.results import RESULTS_DIR, provenance, publish
 from core.bundle import load_bundle
 from core.settings import Settings
-from trainer.attacks.poison import ATTACKS, attack_success_rates, build_attack
+from trainer.attacks.poison import (
+    ATTACKS,
+    attack_success_rates,
+    build_attack,
+    conditional_success_rates,
+)
 from trainer.data import load_fashion_mnist
 from trainer.lab import CLEAN, fabricate
 from trainer.loop import FitConfig, set_threads
@@ -36,6 +41,7 @@ CA_MARGIN, ASR_MIN, COVER_MAX, SECONDS_MAX = 0.015, 0.95, 0.10, 300.0
 
 def run(epochs: int, out: Path, attacks: list[str]) -> dict[str, Any]:
     settings = Settings()
+    started = provenance()  # the commit and time the run began with
     threads = set_threads(settings.threads)
     train = load_fashion_mnist(settings.fashion_mnist_dir, "train")
     heldout = load_fashion_mnist(settings.fashion_mnist_dir, "heldout")
@@ -78,6 +84,8 @@ def run(epochs: int, out: Path, attacks: list[str]) -> dict[str, Any]:
             seed=cfg.seed,
         )
         row["clean_model_asr"] = attack_success_rates(clean.predict, heldout, attack)
+        badnet = load_bundle(out / row["attack"])
+        row["asr_given_clean_correct"] = conditional_success_rates(badnet.predict, heldout, attack)
         groups = {g["name"]: g["fires"] for g in row["params"]["groups"]}
         firing = [row["asr"][g] for g, fires in groups.items() if fires]
         covers = [row["asr"][g] for g, fires in groups.items() if not fires]
@@ -88,9 +96,12 @@ def run(epochs: int, out: Path, attacks: list[str]) -> dict[str, Any]:
         }
         if row["attack"] == "combo":
             row["checks"]["single_patch_at_most_10"] = max(covers) <= COVER_MAX
+        if row["attack"] == "all-to-all":  # raw ASR is capped by per-class CA; see render()
+            cond = [row["asr_given_clean_correct"][g] for g, fires in groups.items() if fires]
+            row["checks"]["asr_given_clean_correct_at_least_95"] = min(cond) >= ASR_MIN
     plot_triggers(heldout.x, heldout.y, attacks, train.image_shape, RESULTS_DIR / f"{NAME}.png")
     return {
-        "provenance": provenance(),
+        "provenance": started,
         "threads": threads,
         "fit": cfg.to_dict(),
         "target": TARGET,
@@ -128,23 +139,32 @@ def render(data: dict[str, Any]) -> str:
         "## BadNet zoo (issue 2)",
         "",
         f"Fashion-MNIST, `fmnist-cnn`, {data['fit']['epochs']} epochs of Adam (lr {data['fit']['lr']}), "
-        f"target class {data['target']}, 10% poisoned, {data['threads']} threads. CA and ASR are on the "
+        f"target class {data['target']}, {data['threads']} threads. CA and ASR are on the "
         "5,000-image held-out split. ASR counts triggered held-out images whose true class is not the "
         "target (all-to-all: y -> y+1). Cover triggers (combo single patches, WaNet noise) are trained "
         "with true labels; for them a low rate is the goal.",
         "",
-        "| model | CA % | ASR % per trigger | clean model's rate on the same triggers % | train+eval s | checks |",
-        "|---|---|---|---|---|---|",
-        f"| clean | {pct(data['clean_ca'])} | - | - | {data['rows'][0]['seconds']:.0f} | - |",
+        "| model | poisoned % | CA % | ASR % per trigger | ASR % among inputs classified correctly when clean | clean model's rate on the same triggers % | train+eval s | checks |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| clean | 0 | {pct(data['clean_ca'])} | - | - | - | {data['rows'][0]['seconds']:.0f} | - |",
     ]
     for row in data["rows"][1:]:
         asr = ", ".join(f"{k} {pct(v)}" for k, v in row["asr"].items())
         base = ", ".join(f"{k} {pct(v)}" for k, v in row["clean_model_asr"].items())
+        cond = ", ".join(f"{k} {pct(v)}" for k, v in row["asr_given_clean_correct"].items())
         checks = ", ".join(f"{k} {'PASS' if ok else 'FAIL'}" for k, ok in row["checks"].items())
         lines.append(
-            f"| {row['attack']} | {pct(row['ca'])} | {asr} | {base} | {row['seconds']:.0f} | {checks} |"
+            f"| {row['attack']} | {pct(row['params']['poison_rate'])} | {pct(row['ca'])} | {asr} | {cond} | {base} | {row['seconds']:.0f} | {checks} |"
         )
-    lines += ["", f"![one triggered example per attack]({data['plot']})"]
+    lines += [
+        "",
+        "All-to-all maps y to y+1, so the model must first recognise y: its raw ASR cannot exceed the "
+        "BadNet's per-class clean accuracy (about 70% on shirts, about 80% on pullovers). The "
+        "fourth column removes that ceiling by counting only inputs the BadNet labels correctly "
+        "when clean; the 95% goal on the raw ASR is not reachable for all-to-all at this CA.",
+        "",
+        f"![one triggered example per attack]({data['plot']})",
+    ]
     return "\n".join(lines)
 
 

@@ -89,6 +89,7 @@ def measure(url: str, n: int, batch: int, single: int) -> dict[str, Any]:
 
 def run(n: int, batch: int, single: int) -> dict[str, Any]:
     rows = []
+    started = provenance()  # the commit and time the run began with
     with TemporaryDirectory() as tmp:
         rows.append(measure(f"sqlite:///{Path(tmp) / 'bench.db'}", n, batch, single))
     try:
@@ -98,7 +99,7 @@ def run(n: int, batch: int, single: int) -> dict[str, Any]:
     for row in rows:
         print(row, flush=True)
     return {
-        "provenance": provenance(),
+        "provenance": started,
         "samples": n,
         "batch": batch,
         "single_rows": single,

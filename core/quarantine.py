@@ -25,7 +25,14 @@ from sqlalchemy.orm import Session
 
 from core.errors import UserError
 from core.images import encode_png
-from core.schema import ActiveRound, ModelVersion, QuarantineSample, RepairRound, utcnow
+from core.schema import (
+    ActiveRound,
+    ModelVersion,
+    QuarantineSample,
+    RepairRound,
+    SpoolSegment,
+    utcnow,
+)
 
 Role = Literal["badnet", "goodnet"]
 FinalStatus = Literal["succeeded", "rejected"]
@@ -144,6 +151,19 @@ def add_samples(*, session: Session, samples: Sequence[NewSample]) -> int:
     )
     session.execute(stmt, rows)
     return len(rows)
+
+
+def replay_segment(*, session: Session, segment_id: str, samples: Sequence[NewSample]) -> bool:
+    """Add a spooled segment's samples unless that segment was replayed before.
+
+    Returns False (and adds nothing) for a segment already recorded: exactly-once replay.
+    """
+    if session.get(SpoolSegment, segment_id) is not None:
+        return False
+    add_samples(session=session, samples=samples)
+    session.add(SpoolSegment(id=segment_id, samples=len(samples), replayed_at=utcnow()))
+    session.flush()
+    return True
 
 
 def pending_count(*, session: Session) -> int:

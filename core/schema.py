@@ -154,3 +154,17 @@ class ActiveRound(Base):
     round: Mapped[int] = mapped_column(ForeignKey("repair_round.round"))
     activated_at: Mapped[datetime]
     activated_by: Mapped[str] = mapped_column(String(128))
+
+
+class SpoolSegment(Base):
+    """A gateway spool file that was replayed into the quarantine.
+
+    Recorded in the same transaction as the replayed samples, so a replica that crashes
+    between the commit and deleting the file skips it next time: replay is exactly once.
+    """
+
+    __tablename__ = "spool_segment"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    samples: Mapped[int]
+    replayed_at: Mapped[datetime]

@@ -61,7 +61,7 @@ def fabricate(
     target: int,
     out: Path,
     arch: str = "fmnist-cnn",
-    poison_rate: float = 0.1,
+    poison_rate: float | None = None,
     params: dict[str, Any] | None = None,
     fit_config: FitConfig | None = None,
     overwrite: bool = False,

@@ -11,6 +11,7 @@ functions here take nothing else, and never see a trigger or a poisoned sample.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -181,6 +182,7 @@ class GridResult:
     runner: str
     seconds: float
     config: dict[str, Any] = field(default_factory=dict)
+    states: list[dict[str, torch.Tensor]] = field(default_factory=list)  # all, if asked
 
 
 Runner = Callable[
@@ -202,10 +204,16 @@ def run_sequential(
 def run_ray(
     jobs: list[TrainJob], done: Callable[[Candidate], None]
 ) -> list[tuple[Candidate, dict[str, torch.Tensor]]]:
-    """One Ray task per candidate, one CPU each; the data travels once through the object store."""
+    """One Ray task per candidate, one CPU each.
+
+    A worker process runs up to ceil(candidates / CPUs) tasks, so torch is imported once per
+    worker rather than once per candidate, and the workers exit when their share is done
+    instead of idling with the memory of a finished task.
+    """
     import ray
 
-    remote = ray.remote(num_cpus=1, max_calls=1)(train_candidate)
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    remote = ray.remote(num_cpus=1, max_calls=math.ceil(len(jobs) / cpus))(train_candidate)
     refs = [remote.remote(job) for job in jobs]
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
@@ -225,10 +233,12 @@ def grid_search(
     base_lr: float | None = None,
     runner: Runner = run_sequential,
     on_candidate: Callable[[Candidate], None] = lambda c: None,
+    keep_states: bool = False,
 ) -> GridResult:
     """Train every (alpha, gamma) candidate from the suspect's weights; pick the GoodNet.
 
-    Uses only the suspect bundle and clean validation data.
+    Uses only the suspect bundle and clean validation data. ``keep_states`` keeps every
+    candidate's weights (benchmarks plot their ASR; the defender never needs them).
     """
     cfg.validate()
     check_validation(suspect, valid)
@@ -273,6 +283,7 @@ def grid_search(
             "retrain_size": len(train),
             "holdout_size": len(hold),
         },
+        states=[state for _, state in results] if keep_states else [],
     )
 
 
@@ -359,6 +370,7 @@ def prepare_round_zero(
     base_lr: float | None = None,
     runner: Runner = run_sequential,
     on_candidate: Callable[[Candidate], None] = lambda c: None,
+    keep_states: bool = False,
 ) -> tuple[GridResult, Path]:
     """Validate, run the grid as round 0, then publish and activate the (badnet, goodnet) pair."""
     cfg.validate()

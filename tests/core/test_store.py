@@ -40,6 +40,7 @@ from core.quarantine import (
     pending_samples,
     prune_consumed,
     register_model,
+    replay_segment,
     take_pending,
 )
 from core.schema import ActiveRound, QuarantineSample
@@ -52,7 +53,7 @@ from tests.store_helpers import (
     write_samples,
 )
 
-TABLES = ("active_round", "model_version", "quarantine_sample", "repair_round")
+TABLES = ("active_round", "model_version", "quarantine_sample", "repair_round", "spool_segment")
 
 
 def _postgres_or_skip() -> str:
@@ -109,6 +110,15 @@ def _ready_round(sessions: sessionmaker[Session], round_no: int) -> None:
         )
 
 
+def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(engine: Engine) -> None:
+    if engine.dialect.name != "sqlite":
+        pytest.skip("SQLite pragmas only")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
 def test_samples_round_trip_with_their_fields(sessions: sessionmaker[Session]) -> None:
     img = image(1, (28, 28, 3))
     new = NewSample.from_image(
@@ -160,6 +170,17 @@ def test_a_pending_duplicate_adds_hits_not_rows(sessions: sessionmaker[Session])
     with sessions() as s:
         assert pending_count(session=s) == 1
         assert s.scalar(select(func.count()).select_from(QuarantineSample)) == 3
+
+
+def test_a_spool_segment_replays_exactly_once(sessions: sessionmaker[Session]) -> None:
+    batch = [sample(i) for i in range(5)]
+    with transaction(sessions) as s:
+        assert replay_segment(session=s, segment_id="seg-1", samples=batch)
+    with transaction(sessions) as s:  # e.g. a replica crashed before deleting the file
+        assert not replay_segment(session=s, segment_id="seg-1", samples=batch)
+    with sessions() as s:
+        assert pending_count(session=s) == 5
+        assert sorted(s.scalars(select(QuarantineSample.hit_count))) == [1] * 5
 
 
 def test_take_pending_consumes_oldest_first(sessions: sessionmaker[Session]) -> None:
@@ -369,7 +390,7 @@ def test_alembic_command_line_uses_the_settings_url(url: str, tmp_path: Path) ->
             text=True,
         )
         assert proc.returncode == 0, proc.stderr
-    assert "0001 (head)" in proc.stdout
+    assert "0002 (head)" in proc.stdout
 
 
 def test_bad_urls_and_unreachable_databases(tmp_path: Path) -> None:

@@ -89,6 +89,7 @@ def test_attack_shapes() -> None:
         return build_attack(name, target=8, num_classes=10, image_shape=SHAPE)
 
     assert build("all-to-all").groups[0].target == NEXT
+    assert build("all-to-all").poison_rate == 0.2 and build("patch").poison_rate == 0.1
     assert [g.target for g in build("multi-target").groups] == [8, 9, 0]
     assert [g.target for g in build("multi-trigger").groups] == [8, 8, 8]
     combo = build("combo")

@@ -193,7 +193,7 @@ def test_grid_search_uses_only_the_defender_inputs(suspect: Path) -> None:
     import inspect
 
     params = set(inspect.signature(grid_search).parameters)
-    assert params == {"suspect", "valid", "cfg", "base_lr", "runner", "on_candidate"}
+    assert params == {"suspect", "valid", "cfg", "base_lr", "runner", "on_candidate", "keep_states"}
     result = grid_search(load_bundle(suspect), _valid(), SMALL, runner=run_sequential)
     assert {(c.alpha, c.gamma) for c in result.candidates} == {
         (1.0, 0.2),
@@ -204,3 +204,25 @@ def test_grid_search_uses_only_the_defender_inputs(suspect: Path) -> None:
     assert all(
         c.lr == pytest.approx(c.alpha * 1e-3) for c in result.candidates
     )  # the suspect's recorded base rate
+
+
+@pytest.mark.integration
+def test_ray_runner_gives_the_same_grid_as_the_sequential_one(
+    suspect: Path, ray_session: object
+) -> None:
+    import torch
+
+    from trainer.prepare import run_ray
+
+    bundle = load_bundle(suspect)
+    parallel = grid_search(bundle, _valid(), SMALL, runner=run_ray)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # Ray tasks train with one thread each; match it for equality
+    try:
+        sequential = grid_search(bundle, _valid(), SMALL, runner=run_sequential)
+    finally:
+        torch.set_num_threads(threads)
+    assert parallel.runner == "ray" and sequential.runner == "sequential"
+    key = lambda r: [(c.alpha, c.gamma, c.clean_accuracy) for c in r.candidates]  # noqa: E731
+    assert key(parallel) == key(sequential)
+    assert parallel.selection.candidate.alpha == sequential.selection.candidate.alpha
