@@ -49,6 +49,32 @@ class Settings(BaseSettings):
         ),
     )
 
+    # --- the gateway -------------------------------------------------------------------
+    policy: str = Field(
+        default="goodnet", description="Ensemble policy: goodnet (NNoculation) or reject (BBD)."
+    )
+    admin_token: str | None = Field(
+        default=None,
+        description="Bearer token for POST /admin/activate; unset disables the admin API.",
+    )
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=1, le=65535)
+    metrics_port: int = Field(
+        default=8080, ge=1, le=65535, description="Ray's metrics export port."
+    )
+    model_name: str = Field(default="gateway", description="The name in /v1/models/{name}:predict.")
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    poll_seconds: float = Field(
+        default=1.0, gt=0, description="How often replicas read the active round."
+    )
+    quarantine_threshold: int = Field(
+        default=200, ge=1, description="N: pending samples that start a repair round."
+    )
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.store / "spool"
+
     @property
     def db_url(self) -> str:
         return self.db or f"sqlite:///{self.store / 'quarantine.db'}"

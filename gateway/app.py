@@ -1,0 +1,195 @@
+"""The Ray Serve app: ``build_app`` (the ``import_path`` in deploy/serve.yaml) and the ensemble.
+
+    client --HTTP--> Ingress (FastAPI: decode, validate, route)
+                       --handle--> Ensemble (both models, @serve.batch; quarantine writer;
+                                             follows the store's active round)
+
+One ensemble deployment holds both models: a batch runs the BadNet and the GoodNet back to
+back in one process, with no second hop (benchmarks/gateway_load.py measures it against a
+single-model app with the same ingress).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from ray import serve
+from ray.serve import Application
+
+from core.db import make_engine, session_factory
+from core.errors import ImageError
+from core.images import check_shape
+from core.quarantine import NewSample
+from gateway.config import GatewayArgs
+from gateway.ensemble import ModelPair, decide_batch, make_policy
+from gateway.follower import RoundFollower
+from gateway.ingress import Ingress
+from gateway.metrics import EnsembleMetrics
+from gateway.writer import QuarantineWriter
+
+log = logging.getLogger(__name__)
+MAX_SPOOL_SLOTS = 256
+
+
+def claim_spool_slot(base: Path) -> tuple[Path, int]:
+    """An exclusive spool directory for this replica: the lowest slot whose lock is free.
+
+    A replica that restarts finds its old slot's lock released by the OS, so it takes the
+    slot back with the segments it left. Returns the directory and the open lock's fd.
+    """
+    base.mkdir(parents=True, exist_ok=True)
+    for slot in range(MAX_SPOOL_SLOTS):
+        fd = os.open(base / f"slot-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return base / f"slot-{slot}", fd
+    raise RuntimeError(f"all {MAX_SPOOL_SLOTS} spool slots under {base} are taken")
+
+
+@serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=30)
+class Ensemble:
+    """Holds the active (badnet, goodnet) pair, answers batches, quarantines disagreements."""
+
+    def __init__(self, args: GatewayArgs) -> None:
+        settings = args.settings()
+        torch.set_num_threads(args.threads_per_replica)
+        self.single_model = args.single_model
+        self.policy = make_policy(settings.policy)
+        self.metrics = EnsembleMetrics()
+        self.batch_sizes: Counter[int] = Counter()
+        engine_url = settings.db_url
+
+        def sessions() -> Any:
+            return session_factory(make_engine(engine_url))
+
+        spool, self._spool_lock = claim_spool_slot(settings.spool_dir)
+        self.writer = QuarantineWriter(
+            sessions=sessions, spool_dir=spool, on_depth=self.metrics.spool_depth.set
+        ).start()
+        self.follower = RoundFollower(
+            sessions=sessions,
+            poll_seconds=settings.poll_seconds,
+            trusted_modules=settings.trusted_arch_modules,
+            on_swap=lambda pair: self.metrics.active_round.set(pair.round),
+            on_failure=lambda round_no, error: self.metrics.swap_failures.inc(),
+            on_pending=self.metrics.pending.set,
+        ).start()
+        self.infer.set_max_batch_size(args.max_batch_size)  # type: ignore[attr-defined]
+        self.infer.set_batch_wait_timeout_s(args.batch_wait_timeout_s)  # type: ignore[attr-defined]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def infer(self, images: list[NDArray[np.uint8]]) -> list[dict[str, Any]]:
+        pair = self.follower.pair  # read once: the whole batch is answered by one pair
+        if pair is None:
+            error = {
+                "error": "no model round is active yet; run 'trainer prepare' first",
+                "status": 503,
+            }
+            return [error for _ in images]
+        self.batch_sizes[len(images)] += 1
+        return await asyncio.to_thread(self._answer, pair, images)
+
+    def _answer(self, pair: ModelPair, images: list[NDArray[np.uint8]]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        good: list[int] = []
+        for i, image in enumerate(images):
+            try:
+                check_shape(image, pair.shape)
+            except ImageError as exc:
+                out.append({"error": str(exc), "status": exc.status})
+                continue
+            out.append({})
+            good.append(i)
+        if not good:
+            return out
+        batch = np.stack([images[i] for i in good])
+        names = pair.class_names
+        if self.single_model:
+            labels = pair.goodnet.predict(batch)
+            for i, label in zip(good, labels, strict=True):
+                out[i] = {
+                    "label": int(label),
+                    "class_name": names[label],
+                    "suspect": False,
+                    "round": pair.round,
+                }
+        else:
+            decisions = decide_batch(pair, batch, self.policy)
+            for i, d in zip(good, decisions, strict=True):
+                out[i] = {
+                    "label": d.label,
+                    "class_name": None if d.label is None else names[d.label],
+                    "suspect": d.suspect,
+                    "round": d.round,
+                    "models": {"badnet": d.badnet_label, "goodnet": d.goodnet_label},
+                }
+                if d.suspect:
+                    self.writer.submit(
+                        NewSample.from_image(
+                            images[i],
+                            badnet_label=d.badnet_label,
+                            goodnet_label=d.goodnet_label,
+                            badnet_score=d.badnet_score,
+                            goodnet_score=d.goodnet_score,
+                            served_round=d.round,
+                            detector=self.policy.name,
+                        )
+                    )
+            suspects = sum(d.suspect for d in decisions)
+            if suspects:
+                self.metrics.quarantined.inc(suspects, tags={"round": str(pair.round)})
+        self.metrics.predictions.inc(len(good), tags={"round": str(pair.round)})
+        return out
+
+    def info(self) -> dict[str, Any]:
+        pair = self.follower.pair
+        base: dict[str, Any] = {
+            "policy": "single-model" if self.single_model else self.policy.name,
+            "database_up": self.writer.database_up,
+            "spool_depth": self.writer.spool.depth(),
+            "batch_sizes": dict(self.batch_sizes),
+        }
+        if pair is None:
+            return {**base, "round": None}
+        spec = pair.badnet.manifest.input
+        return {
+            **base,
+            "round": pair.round,
+            "hashes": pair.hashes(),
+            "input": {"height": spec.height, "width": spec.width, "channels": spec.channels},
+            "class_names": pair.class_names,
+        }
+
+    def flush(self) -> bool:
+        """Wait until every quarantined sample so far is in the database or the spool."""
+        return self.writer.flush()
+
+    def __del__(self) -> None:
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            writer.close(timeout=20)
+        follower = getattr(self, "follower", None)
+        if follower is not None:
+            follower.stop()
+
+
+def build_app(args: GatewayArgs) -> Application:
+    """The typed app builder: ``import_path: gateway.app:build_app`` in deploy/serve.yaml."""
+    ensemble = Ensemble.options(  # type: ignore[attr-defined]
+        num_replicas=args.ensemble_replicas,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(args)
+    app: Application = Ingress.options(ray_actor_options={"num_cpus": 0}).bind(ensemble, args)  # type: ignore[attr-defined]
+    return app

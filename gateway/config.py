@@ -1,0 +1,46 @@
+"""The gateway app's arguments: what ``build_app`` takes from serve.yaml or ``gateway serve``.
+
+Validated by pydantic (never a bare dict); every field defaults from :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from core.settings import Settings
+
+
+class GatewayArgs(BaseModel):
+    db: str | None = Field(default=None, description="Database URL; default from settings.")
+    store: str | None = Field(default=None, description="Store directory; default from settings.")
+    policy: str | None = None
+    admin_token: str | None = None
+    model_name: str | None = None
+    max_body_bytes: int | None = Field(default=None, ge=1024)
+    poll_seconds: float | None = Field(default=None, gt=0)
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=1)
+    ensemble_replicas: int = Field(default=1, ge=1)
+    threads_per_replica: int = Field(default=1, ge=1)
+    single_model: bool = Field(
+        default=False, description="Benchmark baseline: serve the goodnet alone."
+    )
+
+    def settings(self) -> Settings:
+        """Settings with this app's overrides applied."""
+        overrides: dict[str, Any] = {
+            k: v
+            for k, v in {
+                "db": self.db,
+                "store": self.store,
+                "policy": self.policy,
+                "admin_token": self.admin_token,
+                "model_name": self.model_name,
+                "max_body_bytes": self.max_body_bytes,
+                "poll_seconds": self.poll_seconds,
+            }.items()
+            if v is not None
+        }
+        return Settings(**overrides)

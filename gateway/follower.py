@@ -1,0 +1,140 @@
+"""Follow the store's active-round pointer and hot-swap the served pair (Ray-free).
+
+The store is the source of truth for which models serve (DESIGN.md). A background thread
+reads the pointer every ``poll_seconds``; when it names another round, the thread loads
+both bundles off the request path, checks each one's weights against the sha256 the
+store registered for it (and the bundle's own manifest, which ``load_bundle`` checks),
+and only then replaces the pair in one reference assignment. A request reads
+``follower.pair`` once, so it never sees a mixed pair. A round that fails to load leaves
+the old pair serving; the failure is logged and counted, and retried after a back-off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.bundle import load_bundle
+from core.errors import UserError
+from core.quarantine import ActiveInfo, active_round, pending_count
+from gateway.ensemble import ModelPair
+
+log = logging.getLogger(__name__)
+
+
+class SwapError(UserError):
+    """A round's bundles could not be loaded or did not match the store."""
+
+
+def load_pair(info: ActiveInfo, *, trusted_modules: Sequence[str] = ()) -> ModelPair:
+    """The pair of the round ``info`` describes, each bundle verified against the store."""
+    bundles = {}
+    for role in ("badnet", "goodnet"):
+        model = info.models.get(role)
+        if model is None:
+            raise SwapError(f"round {info.round} has no registered {role}")
+        bundle = load_bundle(Path(model.bundle_path), trusted_modules=trusted_modules)
+        if bundle.manifest.weights_sha256 != model.sha256:
+            raise SwapError(
+                f"round {info.round} {role}: bundle at {model.bundle_path} has sha256 "
+                f"{bundle.manifest.weights_sha256[:12]}, the store registered {model.sha256[:12]}"
+            )
+        bundles[role] = bundle
+    return ModelPair(round=info.round, badnet=bundles["badnet"], goodnet=bundles["goodnet"])
+
+
+class RoundFollower:
+    def __init__(
+        self,
+        *,
+        sessions: Callable[[], sessionmaker[Session]],
+        poll_seconds: float = 1.0,
+        trusted_modules: Sequence[str] = (),
+        retry_failed_after: float = 30.0,
+        on_swap: Callable[[ModelPair], None] = lambda pair: None,
+        on_failure: Callable[[int | None, str], None] = lambda round_no, error: None,
+        on_pending: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self._make_sessions = sessions
+        self._sessions: sessionmaker[Session] | None = None
+        self.poll_seconds = poll_seconds
+        self.trusted_modules = tuple(trusted_modules)
+        self.retry_failed_after = retry_failed_after
+        self._on_swap, self._on_failure, self._on_pending = on_swap, on_failure, on_pending
+        self.pair: ModelPair | None = None  # read by the request path; replaced, never mutated
+        self._failed: dict[int, float] = {}  # round -> when it last failed to load
+        self._db_error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="round-follower", daemon=True)
+
+    def start(self) -> RoundFollower:
+        self.poll_once()  # serve the active round from the first request, if there is one
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _db(self) -> sessionmaker[Session]:
+        if self._sessions is None:
+            self._sessions = self._make_sessions()
+        return self._sessions
+
+    def poll_once(self) -> bool:
+        """Read the pointer; swap if it moved. Returns True when a new pair was installed."""
+        try:
+            with self._db()() as session:
+                info = active_round(session=session)
+                self._on_pending(pending_count(session=session))
+        except (SQLAlchemyError, OSError, UserError) as exc:
+            if self._db_error is None:
+                log.warning(
+                    "cannot read the active round (%s); serving round %s", exc, self.current_round
+                )
+            self._db_error = str(exc)
+            return False
+        if self._db_error is not None:
+            log.warning("the store answers again")
+            self._db_error = None
+        if info is None or info.round == self.current_round:
+            return False
+        failed_at = self._failed.get(info.round)
+        if failed_at is not None and time.monotonic() - failed_at < self.retry_failed_after:
+            return False
+        try:
+            pair = load_pair(info, trusted_modules=self.trusted_modules)
+        except (UserError, OSError) as exc:
+            self._failed[info.round] = time.monotonic()
+            log.error(
+                "round %s failed to load, still serving round %s: %s",
+                info.round,
+                self.current_round,
+                exc,
+            )
+            self._on_failure(info.round, str(exc))
+            return False
+        self.pair = pair  # the swap: one reference assignment
+        self._failed.pop(pair.round, None)
+        log.warning(
+            "now serving round %s (badnet %s, goodnet %s)",
+            pair.round,
+            *(h[:12] for h in pair.hashes().values()),
+        )
+        self._on_swap(pair)
+        return True
+
+    @property
+    def current_round(self) -> int | None:
+        pair = self.pair
+        return None if pair is None else pair.round
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            self.poll_once()

@@ -1,0 +1,283 @@
+"""The gateway app over real HTTP: the contract, both policies, the quarantine rows, bad input."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from sqlalchemy import select
+
+from core.images import encode_png
+from core.quarantine import pending_count
+from core.schema import QuarantineSample
+from tests.gateway.conftest import Gateway, Lab
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def gw(gateway_factory: Callable[..., Gateway]) -> Gateway:
+    return gateway_factory("gw")
+
+
+@pytest.fixture(scope="module")
+def gw_reject(gateway_factory: Callable[..., Gateway]) -> Gateway:
+    return gateway_factory("gwreject", policy="reject")
+
+
+def _png(img: np.ndarray) -> bytes:
+    return encode_png(img)
+
+
+def _post_png(gw: Gateway, img: np.ndarray) -> dict:
+    r = gw.client.post("/predict", content=_png(img), headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _rows(gw: Gateway) -> list[QuarantineSample]:
+    with gw.sessions() as s:
+        return list(s.scalars(select(QuarantineSample).order_by(QuarantineSample.id)))
+
+
+def _flush(gw: Gateway) -> None:
+    from ray import serve
+
+    assert serve.get_app_handle(gw.name)  # the app exists
+    handle = serve.get_deployment_handle("Ensemble", app_name=gw.name)
+    assert handle.flush.remote().result(timeout_s=30)
+
+
+def test_goodnet_policy_answers_and_quarantines_only_disagreements(gw: Gateway, lab: Lab) -> None:
+    for img, label in zip(lab.clean[:20], lab.clean_labels[:20], strict=True):
+        body = _post_png(gw, img)
+        assert body == {
+            "label": int(label),
+            "class_name": str(label),
+            "suspect": False,
+            "round": 0,
+            "models": {"badnet": int(label), "goodnet": int(label)},
+        }
+    _flush(gw)
+    assert _rows(gw) == []  # agreement writes no row
+    for img, bad, good in zip(
+        lab.triggered[:15], lab.bad_labels[:15], lab.good_labels[:15], strict=True
+    ):
+        body = _post_png(gw, img)
+        assert body["suspect"] is True and body["label"] == int(good) and body["round"] == 0
+        assert body["models"] == {"badnet": int(bad), "goodnet": int(good)}
+    _flush(gw)
+    rows = _rows(gw)
+    assert len(rows) == 15  # one row per disagreement
+    for row, bad, good in zip(rows, lab.bad_labels[:15], lab.good_labels[:15], strict=True):
+        assert (
+            row.badnet_label,
+            row.goodnet_label,
+            row.served_round,
+            row.detector,
+            row.hit_count,
+        ) == (int(bad), int(good), 0, "goodnet", 1)
+        assert 0 < row.badnet_score <= 1 and row.consumed_by_round is None
+
+
+def test_reject_policy_withholds_the_label_of_suspects(gw_reject: Gateway, lab: Lab) -> None:
+    body = _post_png(gw_reject, lab.triggered[0])
+    assert body["label"] is None and body["class_name"] is None and body["suspect"] is True
+    clean = _post_png(gw_reject, lab.clean[0])
+    assert clean["label"] == int(lab.clean_labels[0]) and clean["suspect"] is False
+    _flush(gw_reject)
+    rows = _rows(gw_reject)
+    assert len(rows) == 1 and rows[0].detector == "reject"
+
+
+def test_every_input_form_gives_the_same_answer(gw: Gateway, lab: Lab) -> None:
+    img = lab.clean[1]
+    expected = _post_png(gw, img)
+    as_b64 = gw.client.post("/predict", json={"image": base64.b64encode(_png(img)).decode()})
+    as_pixels = gw.client.post("/predict", json={"pixels": img[:, :, 0].tolist()})
+    kserve = gw.client.post(
+        "/v1/models/gateway:predict",
+        json={"instances": [{"b64": base64.b64encode(_png(img)).decode()}, img.tolist()]},
+    )
+    assert as_b64.json() == expected and as_pixels.json() == expected
+    assert kserve.status_code == 200 and kserve.json() == {"predictions": [expected, expected]}
+    jpeg = io.BytesIO()
+    Image.fromarray(img[:, :, 0]).save(jpeg, format="JPEG", quality=95)
+    r = gw.client.post("/predict", content=jpeg.getvalue(), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200 and r.json()["round"] == 0
+
+
+def test_health_models_and_openapi(gw: Gateway, lab: Lab) -> None:
+    health = gw.client.get("/healthz").json()
+    assert health["status"] == "ok" and health["round"] == 0
+    (model,) = gw.client.get("/v1/models").json()["models"]
+    from core.bundle import read_manifest
+
+    assert model["name"] == "gateway" and model["policy"] == "goodnet" and model["round"] == 0
+    assert model["hashes"]["badnet"] == read_manifest(lab.badnet).weights_sha256
+    assert model["input"] == {"height": 28, "width": 28, "channels": 1}
+    spec = gw.client.get("/openapi.json").json()
+    assert {
+        "/predict",
+        "/v1/models/{name}:predict",
+        "/healthz",
+        "/v1/models",
+        "/admin/activate",
+    } <= set(spec["paths"])
+    assert gw.client.get("/docs").status_code == 200
+
+
+def _gif() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+NAMED_CASES = {
+    "truncated png": (
+        dict(
+            content=encode_png(np.full((28, 28, 1), 9, np.uint8))[:40],
+            headers={"content-type": "image/png"},
+        ),
+        400,
+        "truncated or corrupt",
+    ),
+    "empty body": (dict(content=b"", headers={"content-type": "image/png"}), 400, "empty"),
+    "20 MB body": (
+        dict(
+            content=b"\x89PNG\r\n\x1a\n" + b"\x00" * (20 * 1024 * 1024),
+            headers={"content-type": "image/png"},
+        ),
+        413,
+        "limit",
+    ),
+    "wrong dimensions": (
+        dict(
+            content=encode_png(np.zeros((32, 32, 1), np.uint8)),
+            headers={"content-type": "image/png"},
+        ),
+        400,
+        "expects 28x28x1",
+    ),
+    "3 channels to a 1-channel model": (
+        dict(
+            content=encode_png(np.zeros((28, 28, 3), np.uint8)),
+            headers={"content-type": "image/png"},
+        ),
+        400,
+        "convert it to grey",
+    ),
+    "gif": (dict(content=_gif(), headers={"content-type": "image/gif"}), 415, "image/gif"),
+    "gif sent as png": (dict(content=_gif(), headers={"content-type": "image/png"}), 415, "GIF"),
+    "bad base64": (dict(json={"image": "not base64!!"}), 400, "not valid base64"),
+    "nan pixels": (
+        dict(
+            content=b'{"pixels": [[NaN, 1], [2, 3]]}', headers={"content-type": "application/json"}
+        ),
+        400,
+        "NaN",
+    ),
+    "out-of-range pixels": (dict(json={"pixels": [[0, 300], [2, 3]]}), 400, "0..255"),
+    "broken json": (
+        dict(content=b'{"pixels": [[', headers={"content-type": "application/json"}),
+        400,
+        "not valid JSON",
+    ),
+    "no content type": (dict(content=b"abc"), 415, "Content-Type"),
+}
+
+
+@pytest.mark.parametrize("case", list(NAMED_CASES))
+def test_named_bad_inputs_get_a_clear_4xx(gw: Gateway, case: str) -> None:
+    kwargs, status, fragment = NAMED_CASES[case]
+    r = gw.client.post("/predict", **kwargs)  # type: ignore[arg-type]
+    assert r.status_code == status, r.text
+    assert fragment in r.json()["error"]
+
+
+def test_kserve_and_admin_errors(gw: Gateway) -> None:
+    r = gw.client.post("/v1/models/resnet:predict", json={"instances": [[[0]]]})
+    assert r.status_code == 404 and "unknown model 'resnet'" in r.json()["error"]
+    r = gw.client.post("/v1/models/gateway:predict", json={"instances": []})
+    assert r.status_code == 400 and "instances" in r.json()["error"]
+    r = gw.client.post(
+        "/v1/models/gateway:predict", json={"instances": [{"pixels": [[1]]}, {"image": 5}]}
+    )
+    assert r.status_code == 400 and "instances[1]" in r.json()["error"]
+    assert gw.client.post("/admin/activate", json={"round": 0}).status_code == 401
+    r = gw.client.post(
+        "/admin/activate", json={"round": 0}, headers={"authorization": "Bearer nope"}
+    )
+    assert r.status_code == 403
+    r = gw.client.post(
+        "/admin/activate", json={"round": 7}, headers={"authorization": "Bearer s3cret-token"}
+    )
+    assert r.status_code == 409 and "round 7 does not exist" in r.json()["error"]
+    r = gw.client.post(
+        "/admin/activate", json={"round": -1}, headers={"authorization": "Bearer s3cret-token"}
+    )
+    assert r.status_code == 400
+    assert gw.client.get("/nowhere").status_code == 404
+
+
+# ---------------------------------------------------------------- generated requests
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-1000, 1000)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(
+        st.sampled_from(["image", "pixels", "b64", "instances", "x"]), children, max_size=3
+    ),
+    max_leaves=30,
+)
+bodies = st.one_of(
+    st.tuples(
+        st.sampled_from(
+            ["image/png", "image/jpeg", "application/json", "text/plain", "", "image/gif"]
+        ),
+        st.binary(max_size=3000),
+    ),
+    st.tuples(st.just("application/json"), json_values.map(lambda v: json.dumps(v).encode())),
+    st.tuples(
+        st.just("image/png"), st.binary(max_size=200).map(lambda b: b"\x89PNG\r\n\x1a\n" + b)
+    ),
+)
+paths = st.sampled_from(
+    ["/predict", "/v1/models/gateway:predict", "/v1/models/other:predict", "/admin/activate"]
+)
+FUZZ_SEEN: list[int] = []
+
+
+@settings(
+    max_examples=1100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
+)
+@given(path=paths, body=bodies)
+def test_generated_requests_never_get_a_5xx(
+    gw: Gateway, path: str, body: tuple[str, bytes]
+) -> None:
+    content_type, content = body
+    headers = {"content-type": content_type} if content_type else {}
+    r = gw.client.post(path, content=content, headers=headers)
+    FUZZ_SEEN.append(r.status_code)
+    assert r.status_code < 500, (path, content_type, content[:80], r.text)
+    assert "error" in r.json() or r.status_code == 200
+
+
+def test_the_fuzzing_sent_over_1000_requests() -> None:
+    assert len(FUZZ_SEEN) >= 1000 and all(code < 500 for code in FUZZ_SEEN)
+
+
+def test_pending_count_after_the_module(gw: Gateway) -> None:
+    _flush(gw)
+    with gw.sessions() as s:
+        assert pending_count(session=s) >= 15

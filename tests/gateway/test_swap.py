@@ -1,0 +1,124 @@
+"""Hot swap under load: 8 concurrent clients, rounds activated through the store and through
+/admin/activate, a corrupt bundle refused; no request fails and no response mixes rounds."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core.bundle import WEIGHTS_NAME
+from core.db import transaction
+from core.images import encode_png
+from core.quarantine import activate_round
+from tests.gateway.conftest import Gateway, Lab, publish_pair
+
+pytestmark = pytest.mark.integration
+CLIENTS, REQUESTS = 8, 1200
+
+
+def test_swaps_under_load_drop_nothing_and_never_mix(
+    gateway_factory: Callable[..., Gateway], lab: Lab
+) -> None:
+    gw = gateway_factory("gwswap")
+    # Round 1 swaps the roles, so a mixed pair would show on the triggered probes.
+    publish_pair(gw.sessions, gw.store, 1, lab.goodnet, lab.badnet, activate=False)
+    probes = [encode_png(img) for img in lab.triggered[:40]]
+    expected = {
+        0: [
+            (int(b), int(g)) for b, g in zip(lab.bad_labels[:40], lab.good_labels[:40], strict=True)
+        ],
+        1: [
+            (int(g), int(b)) for b, g in zip(lab.bad_labels[:40], lab.good_labels[:40], strict=True)
+        ],
+    }
+    results: list[tuple[float, int, int, tuple[int, int]]] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def client(worker: int) -> None:
+        with httpx.Client(base_url=gw.url, timeout=30) as http:
+            for i in range(worker, REQUESTS, CLIENTS):
+                k = i % len(probes)
+                try:
+                    r = http.post(
+                        "/predict", content=probes[k], headers={"content-type": "image/png"}
+                    )
+                    body = r.json()
+                    assert r.status_code == 200, r.text
+                    with lock:
+                        results.append(
+                            (
+                                time.monotonic(),
+                                k,
+                                body["round"],
+                                (body["models"]["badnet"], body["models"]["goodnet"]),
+                            )
+                        )
+                except Exception as exc:  # every failure counts, whatever it is
+                    with lock:
+                        failures.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.002)
+
+    def operator() -> list[tuple[int, float]]:
+        switches = []
+        while len(results) < REQUESTS // 3:
+            time.sleep(0.01)
+        with transaction(gw.sessions) as s:
+            activate_round(session=s, round_no=1, activated_by="test")
+        switches.append((1, time.monotonic()))
+        while len(results) < 2 * REQUESTS // 3:
+            time.sleep(0.01)
+        r = httpx.post(
+            f"{gw.url}/admin/activate",
+            json={"round": 0},
+            headers={"authorization": "Bearer s3cret-token"},
+        )
+        assert r.status_code == 200, r.text
+        switches.append((0, time.monotonic()))
+        return switches
+
+    with ThreadPoolExecutor(CLIENTS + 1) as pool:
+        op = pool.submit(operator)
+        for f in [pool.submit(client, w) for w in range(CLIENTS)]:
+            f.result()
+        switches = op.result()
+
+    assert failures == []
+    assert len(results) == REQUESTS
+    for _, k, round_no, models in results:  # every answer is one round's pair, whole
+        assert models == expected[round_no][k], (round_no, k, models)
+    for new_round, at in switches:
+        answered = sorted(t for t, _, r, _ in results if r == new_round and t >= at)
+        assert (
+            answered and answered[0] - at <= 5.0
+        ), f"round {new_round} took {answered[0] - at if answered else None}s"
+        after = [
+            r for t, _, r, _ in results if at + 5.0 <= t and (new_round == 0 or t < switches[1][1])
+        ]
+        assert all(r == new_round for r in after)
+    assert {r for _, _, r, _ in results} == {0, 1}
+
+
+def test_a_corrupt_bundle_is_refused_and_the_old_round_keeps_serving(
+    gateway_factory: Callable[..., Gateway], lab: Lab
+) -> None:
+    gw = gateway_factory("gwcorrupt")
+    path = publish_pair(gw.sessions, gw.store, 1, lab.badnet, lab.goodnet, activate=False)
+    weights = Path(path) / "goodnet" / WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))  # the file no longer matches its registered sha256
+    with transaction(gw.sessions) as s:
+        activate_round(session=s, round_no=1, activated_by="test")
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        r = gw.client.post("/predict", json={"pixels": lab.clean[0][:, :, 0].tolist()})
+        assert r.status_code == 200 and r.json()["round"] == 0
+        time.sleep(0.1)
+    assert gw.client.get("/v1/models").json()["models"][0]["round"] == 0
