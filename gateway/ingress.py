@@ -6,8 +6,6 @@ that do not decode or a wrong shape, 413 for too large, 415 for an unsupported t
 most the cap.
 """
 
-from __future__ import annotations
-
 import asyncio
 import base64
 import binascii
