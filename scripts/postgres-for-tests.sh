@@ -3,6 +3,7 @@
 # (bqg/bqg, database bqg_test), idempotently. Needs root. The store tests use
 # BQG_TEST_POSTGRES_URL, default postgresql+psycopg://bqg:bqg@127.0.0.1:5432/bqg_test.
 set -euo pipefail
+cd /  # runuser's postgres cannot enter a private working directory
 if ! command -v pg_ctlcluster >/dev/null; then
   echo "postgres-for-tests: PostgreSQL is not installed (apt-get install postgresql)" >&2
   exit 1

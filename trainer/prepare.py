@@ -377,7 +377,13 @@ def prepare_round_zero(
     check_validation(suspect, valid)
     with running_round(sessions, 0):
         result = grid_search(
-            suspect, valid, cfg, base_lr=base_lr, runner=runner, on_candidate=on_candidate
+            suspect,
+            valid,
+            cfg,
+            base_lr=base_lr,
+            runner=runner,
+            on_candidate=on_candidate,
+            keep_states=keep_states,
         )
         chosen = result.selection.candidate
         path = publish_round(
