@@ -71,6 +71,7 @@ def one_attack(
             sessions=sessions,
             store=Path(tmp),
             runner=run_ray,
+            keep_states=True,
         )
         seconds = time.perf_counter() - start
         goodnet = load_bundle(path / "goodnet")
