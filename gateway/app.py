@@ -45,6 +45,8 @@ def claim_spool_slot(base: Path) -> tuple[Path, int]:
 
     A replica that restarts finds its old slot's lock released by the OS, so it takes the
     slot back with the segments it left. Returns the directory and the open lock's fd.
+    Known gap: after a scale-down, slots above the replica count keep their segments
+    until a replica claims them again; nothing replays them meanwhile.
     """
     base.mkdir(parents=True, exist_ok=True)
     for slot in range(MAX_SPOOL_SLOTS):
