@@ -126,6 +126,12 @@ def _merge_duplicates(samples: Sequence[NewSample]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def _upsert(session: Session, model: type[Any]) -> Any:
+    """The dialect's INSERT, which supports ON CONFLICT (both SQLite and PostgreSQL do)."""
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
+
+
 def add_samples(*, session: Session, samples: Sequence[NewSample]) -> int:
     """Insert a batch; a pending duplicate gains hits instead of a row. Returns rows touched.
 
@@ -137,7 +143,7 @@ def add_samples(*, session: Session, samples: Sequence[NewSample]) -> int:
     if not rows:
         return 0
     dialect = session.get_bind().dialect.name
-    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(QuarantineSample)
+    insert = _upsert(session, QuarantineSample)
     table = QuarantineSample.__table__
     stmt = insert.on_conflict_do_update(
         index_elements=[table.c.pixel_sha256],
@@ -335,8 +341,7 @@ def activate_round(*, session: Session, round_no: int, activated_by: str = "oper
         raise StoreInputError(
             f"round {round_no} lacks a registered {' and '.join(sorted({'badnet', 'goodnet'} - roles))}"
         )
-    dialect = session.get_bind().dialect.name
-    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(ActiveRound)
+    insert = _upsert(session, ActiveRound)
     values = {
         "id": 1,
         "round": round_no,
