@@ -65,8 +65,8 @@ async def _load(url: str, bodies: list[bytes], concurrency: int) -> dict[str, An
     q = np.quantile(latencies, [0.5, 0.99])
     return {
         "rps": len(bodies) / wall,
-        "p50_ms": 1000 * q[0],
-        "p99_ms": 1000 * q[1],
+        "p50_ms": float(1000 * q[0]),
+        "p99_ms": float(1000 * q[1]),
         "errors": errors,
     }
 
@@ -171,8 +171,10 @@ def run(zoo: Path, requests: int) -> dict[str, Any]:
         for c in CONCURRENCY
     }
     result["checks"] = {
-        f"{c}_clients": result["ratios"][str(c)]["throughput"] >= 0.85
-        and result["ratios"][str(c)]["p99"] <= 1.25
+        f"{c}_clients": bool(
+            result["ratios"][str(c)]["throughput"] >= 0.85
+            and result["ratios"][str(c)]["p99"] <= 1.25
+        )
         for c in (8, 32)
     }
     return result

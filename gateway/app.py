@@ -162,6 +162,8 @@ class Ensemble:
             "database_up": self.writer.database_up,
             "spool_depth": self.writer.spool.depth(),
             "batch_sizes": dict(self.batch_sizes),
+            "swap_failures": self.follower.failures,
+            "last_swap_failure": self.follower.last_failure,
         }
         if pair is None:
             return {**base, "round": None}

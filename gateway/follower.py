@@ -69,6 +69,8 @@ class RoundFollower:
         self._on_swap, self._on_failure, self._on_pending = on_swap, on_failure, on_pending
         self.pair: ModelPair | None = None  # read by the request path; replaced, never mutated
         self._failed: dict[int, float] = {}  # round -> when it last failed to load
+        self.failures = 0  # loads refused since start (the swap-failure counter's value)
+        self.last_failure: str | None = None
         self._db_error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="round-follower", daemon=True)
@@ -112,6 +114,8 @@ class RoundFollower:
             pair = load_pair(info, trusted_modules=self.trusted_modules)
         except (UserError, OSError) as exc:
             self._failed[info.round] = time.monotonic()
+            self.failures += 1
+            self.last_failure = f"round {info.round}: {exc}"
             log.error(
                 "round %s failed to load, still serving round %s: %s",
                 info.round,

@@ -121,4 +121,7 @@ def test_a_corrupt_bundle_is_refused_and_the_old_round_keeps_serving(
         r = gw.client.post("/predict", json={"pixels": lab.clean[0][:, :, 0].tolist()})
         assert r.status_code == 200 and r.json()["round"] == 0
         time.sleep(0.1)
-    assert gw.client.get("/v1/models").json()["models"][0]["round"] == 0
+    model = gw.client.get("/v1/models").json()["models"][0]
+    assert model["round"] == 0
+    assert model["swap_failures"] == 1  # counted once, then retried only after a back-off
+    assert "round 1" in model["last_swap_failure"] and "sha256" in model["last_swap_failure"]
