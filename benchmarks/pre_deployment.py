@@ -86,13 +86,13 @@ def one_attack(
     ca_png = grid_heatmap(
         {(c.alpha, c.gamma): c.clean_accuracy for c in grid.candidates},
         RESULTS_DIR / f"{NAME}_{name}_ca.png",
-        title=f"{name}: held-out validation CA",
+        title=f"{name}: cross-fitted validation CA",
         chosen=chosen,
     )
     asr_png = grid_heatmap(
         cand_asr,
         RESULTS_DIR / f"{NAME}_{name}_asr.png",
-        title=f"{name}: ASR (test split)",
+        title=f"{name}: ASR on the test split (first fold's weights)",
         chosen=chosen,
         cmap="magma",
     )
@@ -159,9 +159,13 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         "## Pre-deployment GoodNets (issue 4)",
         "",
-        f"`trainer prepare` on each zoo BadNet: {data['valid_size']} validation images "
-        f"({100 * (1 - c['holdout_fraction']):.0f}% retrain, {100 * c['holdout_fraction']:.0f}% held out for the selection rule), "
-        f"alphas {c['alphas']} x base rate, gammas {c['gammas']}, {c['epochs']} epochs, theta {c['ca_drop']} points. "
+        f"`trainer prepare` on each zoo BadNet: {data['valid_size']} validation images, "
+        f"alphas {list(c['alphas'])} x base rate, gammas {list(c['gammas'])}, {c['epochs']} epochs per candidate, theta {c['ca_drop']} points. "
+        f"Each candidate's clean accuracy for the selection rule is cross-fitted over {c['folds']} folds "
+        f"(trained without a fold, scored on it, pooled over all {data['valid_size']} images); "
+        f"the chosen (alpha, gamma) is then {'retrained on all of them' if c['refit'] else 'kept as trained'}. "
+        f"Retraining: {c['schedule']} learning-rate schedule, distillation weight {c['distill']} on the clean copies, "
+        f"batch jitter {', '.join(c['augment']) or 'none'}. "
         "CA and ASR on the 5,000-image held-out test split; ASR is the mean over firing triggers.",
         "",
         "| attack | BadNet CA % | BadNet ASR % | GoodNet CA % | GoodNet ASR % | CA drop (points) | chosen alpha, gamma | within theta | prepare s |",

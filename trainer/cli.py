@@ -352,6 +352,33 @@ def prepare_cmd(
             help="Run candidates as Ray tasks. Default: when Ray starts and there are 2+ threads.",
         ),
     ] = None,
+    distill: Annotated[
+        float,
+        typer.Option(
+            help="Weight (0..1) of the suspect's own outputs in the clean copies' targets; 0 is the paper's plain labels."
+        ),
+    ] = PrepareConfig.distill,
+    schedule: Annotated[
+        str,
+        typer.Option(
+            help="Learning-rate schedule per candidate: cosine (decays to 0) or constant (the paper's)."
+        ),
+    ] = PrepareConfig.schedule,
+    augment: Annotated[
+        str, typer.Option(help="Batch jitter: shift, flip, both comma-separated, or none.")
+    ] = ",".join(PrepareConfig.augment),
+    margin_se: Annotated[
+        float,
+        typer.Option(
+            help="A candidate qualifies when its CA drop plus this many standard errors is within theta; 0 is the paper's rule."
+        ),
+    ] = PrepareConfig.margin_se,
+    folds: Annotated[
+        int,
+        typer.Option(
+            help="Cross-fitting folds for each candidate's CA estimate; 1 is one 20% holdout."
+        ),
+    ] = PrepareConfig.folds,
     seed: Annotated[int, typer.Option()] = PrepareConfig.seed,
     db: DbOpt = None,
     store: StoreOpt = None,
@@ -364,6 +391,11 @@ def prepare_cmd(
         ca_drop=ca_drop,
         epochs=epochs,
         seed=seed,
+        distill=distill,
+        margin_se=margin_se,
+        folds=folds,
+        schedule=schedule,  # type: ignore[arg-type]  # validated below
+        augment=tuple(a.strip() for a in augment.split(",") if a.strip() not in ("", "none")),
     )
     cfg.validate()
     suspect = load_bundle(model, trusted_modules=settings.trusted_arch_modules)
@@ -374,7 +406,7 @@ def prepare_cmd(
     runner = run_ray if use_ray and start_local_ray(settings.threads) else run_sequential
     if use_ray and runner is run_sequential:
         err_console.print("Ray could not start here; running the candidates in sequence")
-    total = len(cfg.alphas) * len(cfg.gammas)
+    total = len(cfg.alphas) * len(cfg.gammas) * cfg.folds  # one run per candidate and fold
     with Progress(
         *Progress.get_default_columns(), MofNCompleteColumn(), console=err_console
     ) as bar:
@@ -396,6 +428,7 @@ def prepare_cmd(
             [asdict(c) for c in result.candidates],
             chosen=(sel.candidate.alpha, sel.candidate.gamma),
             threshold=sel.threshold,
+            margin_se=cfg.margin_se,
         )
     )
     if not sel.qualified:

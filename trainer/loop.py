@@ -29,6 +29,8 @@ class FitConfig:
     optimizer: Literal["adam", "sgd"] = "adam"
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr decays to 0 by the end
+    augment: tuple[str, ...] = ()  # per batch: "shift" (up to 2 px), "flip" (horizontal)
     batch_size: int = 128
     seed: int = 0
 
@@ -68,6 +70,38 @@ def _optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+AUGMENTATIONS = ("shift", "flip")
+MAX_SHIFT = 2
+
+
+def _augment(batch: torch.Tensor, kinds: tuple[str, ...], gen: torch.Generator) -> torch.Tensor:
+    """Label-preserving jitter of a (B, C, H, W) batch: random shifts and/or mirror images."""
+    if not kinds:
+        return batch
+    unknown = set(kinds) - set(AUGMENTATIONS)
+    if unknown:
+        raise ValueError(f"unknown augmentation {sorted(unknown)}; known: {AUGMENTATIONS}")
+    b, _, h, w = batch.shape
+    if "flip" in kinds:
+        mirror = torch.rand(b, generator=gen) < 0.5
+        batch = torch.where(mirror[:, None, None, None], batch.flip(3), batch)
+    if "shift" in kinds:
+        s = MAX_SHIFT
+        padded = torch.nn.functional.pad(batch, (s, s, s, s), mode="replicate")
+        dy, dx = torch.randint(0, 2 * s + 1, (2,), generator=gen).tolist()
+        batch = padded[:, :, dy : dy + h, dx : dx + w]
+    return batch
+
+
+def _scheduler(
+    opt: torch.optim.Optimizer, cfg: FitConfig, *, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step learning rate: constant, or cosine from ``lr`` down to 0 at the last step."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
 def fit(
     model: nn.Module,
     x: np.ndarray,
@@ -78,19 +112,24 @@ def fit(
     desc: str = "train",
     progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Train ``model`` in place on uint8 images ``x`` (N, H, W, C) with labels ``y``.
+    """Train ``model`` in place on uint8 images ``x`` (N, H, W, C) with targets ``y``.
 
-    Returns one record per epoch: mean loss, training accuracy and seconds.
+    ``y`` is integer labels (N,) or class probabilities (N, K) (soft targets, as in
+    distillation); the loss is cross-entropy either way. Returns one record per epoch: mean
+    loss, training accuracy (against the most probable class) and seconds.
     """
     if len(x) == 0:
         raise ValueError("cannot train on an empty dataset")
     seed_everything(cfg.seed)
     inputs = spec.to_tensor(x)  # (N, C, H, W) float32, converted once
-    labels = torch.tensor(np.asarray(y), dtype=torch.int64)
+    soft = np.asarray(y).ndim == 2
+    targets = torch.tensor(np.asarray(y), dtype=torch.float32 if soft else torch.int64)
+    labels = targets.argmax(1) if soft else targets
     order_gen = torch.Generator().manual_seed(cfg.seed)
     opt = _optimizer(model, cfg)
     loss_fn = nn.CrossEntropyLoss()
     steps = (len(inputs) + cfg.batch_size - 1) // cfg.batch_size
+    sched = _scheduler(opt, cfg, total_steps=cfg.epochs * steps)
     history: list[dict[str, float]] = []
     with _progress() as bar:
         task = bar.add_task(desc, total=cfg.epochs * steps, status="", visible=progress)
@@ -98,11 +137,12 @@ def fit(
             model.train()
             start, total_loss, correct = time.perf_counter(), 0.0, 0
             for idx in torch.randperm(len(inputs), generator=order_gen).split(cfg.batch_size):
-                logits = model(inputs[idx])
-                loss = loss_fn(logits, labels[idx])
+                logits = model(_augment(inputs[idx], cfg.augment, order_gen))
+                loss = loss_fn(logits, targets[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
                 total_loss += loss.item() * len(idx)
                 correct += int((logits.argmax(1) == labels[idx]).sum())
                 bar.advance(task)

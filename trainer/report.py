@@ -14,20 +14,28 @@ from rich.table import Table
 
 
 def grid_table(
-    rows: Sequence[dict[str, float]], *, chosen: tuple[float, float], threshold: float
+    rows: Sequence[dict[str, float]],
+    *,
+    chosen: tuple[float, float],
+    threshold: float,
+    margin_se: float = 0.0,
 ) -> Table:
-    """One row per candidate: alpha, gamma, lr, held-out CA; the chosen one starred."""
-    table = Table(title=f"GoodNet candidates (CA threshold {100 * threshold:.2f}%)")
-    for name in ("alpha", "gamma", "lr", "CA %", "within theta", "s"):
+    """One row per candidate: alpha, gamma, lr, estimated CA (+- its drop's standard error),
+    whether it qualifies under the rule, seconds; the chosen one starred."""
+    margin = f", margin {margin_se:g} SE" if margin_se else ""
+    table = Table(title=f"GoodNet candidates (CA threshold {100 * threshold:.2f}%{margin})")
+    for name in ("alpha", "gamma", "lr", "CA %", "+- SE", "qualifies", "s"):
         table.add_column(name, justify="right")
     for r in rows:
         star = " *" if (r["alpha"], r["gamma"]) == chosen else ""
+        se = r.get("drop_se", 0.0)
         table.add_row(
             f"{r['alpha']:g}x",
             f"{r['gamma']:.1f}",
             f"{r['lr']:.2g}",
             f"{100 * r['clean_accuracy']:.2f}{star}",
-            "yes" if r["clean_accuracy"] >= threshold - 1e-12 else "no",
+            f"{100 * se:.2f}",
+            "yes" if r["clean_accuracy"] - margin_se * se >= threshold - 1e-12 else "no",
             f"{r['seconds']:.1f}",
         )
     return table

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.bundle import load_bundle, read_manifest
@@ -20,8 +22,11 @@ from trainer.noise import add_noise
 from trainer.prepare import (
     Candidate,
     PrepareConfig,
+    TrainJob,
+    cross_fit_splits,
     grid_search,
     prepare_round_zero,
+    retraining_targets,
     run_sequential,
     select_goodnet,
 )
@@ -162,6 +167,9 @@ def _bad_valid(kind: str) -> Dataset:
         (None, PrepareConfig(ca_drop=-1), UserError, "must be 0 or more"),
         (None, PrepareConfig(alphas=()), UserError, "no candidates"),
         (None, PrepareConfig(gammas=(0.0,)), UserError, r"in \(0, 1\]"),
+        (None, PrepareConfig(folds=0), UserError, "folds must be 1"),
+        (None, PrepareConfig(distill=1.5), UserError, "distill is a weight"),
+        (None, PrepareConfig(augment=("rotate",)), UserError, "unknown augmentation rotate"),
     ],
 )
 def test_bad_input_is_refused_and_writes_nothing(
@@ -226,3 +234,92 @@ def test_ray_runner_gives_the_same_grid_as_the_sequential_one(
     key = lambda r: [(c.alpha, c.gamma, c.clean_accuracy) for c in r.candidates]  # noqa: E731
     assert key(parallel) == key(sequential)
     assert parallel.selection.candidate.alpha == sequential.selection.candidate.alpha
+
+
+@pytest.mark.parametrize("folds", [2, 3])
+def test_cross_fitting_scores_every_image_once_and_never_on_its_own_training(folds: int) -> None:
+    valid = _valid()
+    splits = cross_fit_splits(valid, PrepareConfig(folds=folds))
+    assert len(splits) == folds
+    scored = np.concatenate([hold.x.reshape(len(hold), -1) for _, hold in splits])
+    assert len(scored) == len(valid)
+    assert len({row.tobytes() for row in scored}) == len(
+        {r.tobytes() for r in valid.x.reshape(len(valid), -1)}
+    )
+    for train, hold in splits:
+        assert len(train) + len(hold) == len(valid)
+        train_rows = {r.tobytes() for r in train.x.reshape(len(train), -1)}
+        assert not any(r.tobytes() in train_rows for r in hold.x.reshape(len(hold), -1))
+        # stratified: each class is split about evenly across the folds
+        for label in np.unique(valid.y):
+            share = (hold.y == label).sum() / (valid.y == label).sum()
+            assert share == pytest.approx(1 / folds, abs=0.1)
+
+
+def test_one_fold_is_the_single_holdout() -> None:
+    ((train, hold),) = cross_fit_splits(_valid(), PrepareConfig(folds=1, holdout_fraction=0.25))
+    assert len(hold) == 30 and len(train) == 90
+
+
+def test_distillation_targets_come_from_the_suspect_on_clean_images_only(suspect: Path) -> None:
+    bundle = load_bundle(suspect)
+    valid = _valid()
+    job = TrainJob(
+        arch=bundle.manifest.arch,
+        arch_kwargs=bundle.manifest.arch_kwargs,
+        spec=bundle.manifest.input,
+        state={},
+        x_train=valid.x,
+        y_train=valid.y,
+        x_hold=valid.x[:0],
+        y_hold=valid.y[:0],
+        fit=FitConfig(),
+        alpha=1.0,
+        gamma=0.3,
+        distill=0.5,
+    )
+    y = np.concatenate([valid.y, valid.y])  # clean copies, then their noisy copies
+    targets = retraining_targets(bundle.model, job, y)
+    n = len(valid)
+    assert targets.shape == (2 * n, 4)
+    assert np.allclose(targets.sum(1), 1.0, atol=1e-5)
+    teacher = bundle.logits(valid.x).softmax(1).numpy()  # on the clean images
+    expected = 0.5 * teacher + 0.5 * np.eye(4, dtype=np.float32)[valid.y]
+    assert np.allclose(targets[:n], expected, atol=1e-5)
+    assert np.allclose(targets[n:], expected, atol=1e-5)  # a noisy copy: its clean original's
+    assert retraining_targets(bundle.model, replace(job, distill=0.0), y) is y  # the paper's
+
+
+def test_the_margin_refuses_a_drop_that_is_within_theta_only_by_luck() -> None:
+    lucky = Candidate(alpha=4.0, lr=4e-3, gamma=0.6, clean_accuracy=0.885, seconds=0, drop_se=0.01)
+    safe = Candidate(alpha=2.0, lr=2e-3, gamma=0.6, clean_accuracy=0.900, seconds=0, drop_se=0.01)
+    paper = select_goodnet([lucky, safe], suspect_accuracy=0.91, ca_drop=3.0)
+    assert paper.candidate is lucky  # drop 2.5 <= 3
+    careful = select_goodnet([lucky, safe], suspect_accuracy=0.91, ca_drop=3.0, margin_se=1.0)
+    assert careful.candidate is safe  # 2.5 + 1 SE > 3, but 1 + 1 <= 3
+
+
+def test_grid_candidates_carry_a_paired_standard_error(suspect: Path) -> None:
+    result = grid_search(load_bundle(suspect), _valid(), SMALL, runner=run_sequential)
+    for c in result.candidates:
+        assert 0.0 <= c.drop_se <= 0.1
+    assert result.config["scored_size"] == 120  # every image scored once
+
+
+def test_refit_trains_the_goodnet_on_every_validation_image(suspect: Path) -> None:
+    bundle = load_bundle(suspect)
+    with_refit = grid_search(bundle, _valid(), SMALL, runner=run_sequential, keep_states=True)
+    without = grid_search(
+        bundle, _valid(), replace(SMALL, refit=False), runner=run_sequential, keep_states=True
+    )
+    assert with_refit.config["goodnet_trained_on"] == 120
+    assert without.config["goodnet_trained_on"] == 60  # one of two folds
+    chosen = without.candidates.index(without.selection.candidate)
+    assert all(
+        torch.equal(without.goodnet_state[k], without.states[chosen][k])
+        for k in without.goodnet_state
+    )
+    assert not all(
+        torch.equal(with_refit.goodnet_state[k], with_refit.states[chosen][k])
+        for k in with_refit.goodnet_state
+    )
