@@ -235,15 +235,22 @@ def prune_consumed(*, session: Session, older_than: timedelta, now: datetime | N
 # ------------------------------------------------------------------------------ rounds
 
 
-def open_round(*, session: Session, round_no: int) -> RepairRound:
+def open_round(*, session: Session, round_no: int, owner: str | None = None) -> RepairRound:
     """Create round ``round_no`` as running; refuses a round that exists."""
     if round_no < 0:
         raise StoreInputError(f"round {round_no} must be 0 or more")
     existing = session.get(RepairRound, round_no)
     if existing is not None:
         raise StoreInputError(f"round {round_no} already exists (status {existing.status})")
+    now = utcnow()
     row = RepairRound(
-        round=round_no, status="running", started_at=utcnow(), samples_used=0, metrics={}
+        round=round_no,
+        status="running",
+        started_at=now,
+        samples_used=0,
+        metrics={},
+        owner=owner[:128] if owner else None,
+        heartbeat_at=now,
     )
     session.add(row)
     session.flush()
@@ -382,3 +389,69 @@ def round_models(*, session: Session, round_no: int) -> list[ModelVersion]:
             select(ModelVersion).where(ModelVersion.round == round_no).order_by(ModelVersion.role)
         )
     )
+
+
+# ------------------------------------------------------------------------------ leases
+
+
+def next_round_number(*, session: Session) -> int:
+    """One more than the highest round ever opened (0 when there is none)."""
+    highest = session.scalar(select(func.max(RepairRound.round)))
+    return 0 if highest is None else int(highest) + 1
+
+
+def running_rounds(*, session: Session) -> list[RepairRound]:
+    return list(
+        session.scalars(
+            select(RepairRound).where(RepairRound.status == "running").with_for_update()
+        )
+    )
+
+
+def expire_stale_rounds(
+    *, session: Session, lease: timedelta, now: datetime | None = None
+) -> list[int]:
+    """Fail running rounds whose heartbeat is older than ``lease`` (their runner died)."""
+    now = now or utcnow()
+    expired = []
+    for row in running_rounds(session=session):
+        beat = row.heartbeat_at or row.started_at or now
+        if now - beat > lease:
+            row.status, row.finished_at = "failed", now
+            row.error = (
+                f"lease expired: {row.owner or 'its runner'} last reported at {beat.isoformat()}"
+            )
+            expired.append(row.round)
+    session.flush()
+    return expired
+
+
+def claim_round(
+    *, session: Session, owner: str, lease: timedelta, round_no: int | None = None
+) -> int | None:
+    """Open the next round (or ``round_no``) for ``owner``, unless another one is running.
+
+    The database is the lock: a running round with a fresh heartbeat means someone else
+    holds the lease (None is returned), and two claimers racing for the same number collide
+    on the round's primary key, so only one commits. Stale running rounds are failed first.
+    """
+    expire_stale_rounds(session=session, lease=lease)
+    if running_rounds(session=session):
+        return None
+    number = next_round_number(session=session) if round_no is None else round_no
+    open_round(session=session, round_no=number, owner=owner)
+    return number
+
+
+def heartbeat(*, session: Session, round_no: int, owner: str) -> bool:
+    """Refresh a running round's lease; False if it is no longer this owner's running round."""
+    stmt = (
+        update(RepairRound)
+        .where(
+            RepairRound.round == round_no,
+            RepairRound.status == "running",
+            RepairRound.owner == owner[:128],
+        )
+        .values(heartbeat_at=utcnow())
+    )
+    return bool(session.execute(stmt).rowcount)  # type: ignore[attr-defined]

@@ -124,6 +124,8 @@ class RepairRound(Base):
     samples_used: Mapped[int] = mapped_column(default=0)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[str | None] = mapped_column(Text)
+    owner: Mapped[str | None] = mapped_column(String(128))  # the watcher or command running it
+    heartbeat_at: Mapped[datetime | None]  # refreshed while it runs; a stale one is dead
 
 
 class ModelVersion(Base):

@@ -70,6 +70,29 @@ class Settings(BaseSettings):
     quarantine_threshold: int = Field(
         default=200, ge=1, description="N: pending samples that start a repair round."
     )
+    valid: str = Field(
+        default="fashion-mnist",
+        description="The defender's clean validation data spec (repair rounds train on it).",
+    )
+    watcher_poll_seconds: float = Field(
+        default=5.0, gt=0, description="How often the repair watcher reads the pending count."
+    )
+    watcher_metrics_port: int = Field(
+        default=8081, ge=0, le=65535, description="The watcher's Prometheus port (0: none)."
+    )
+    repair_cpus: float = Field(default=1.0, gt=0, description="CPUs the repair task asks Ray for.")
+    repair_gpus: float | None = Field(
+        default=None, ge=0, description="GPUs for the repair task; default: 1 if Ray has one."
+    )
+    repair_preset: str = Field(
+        default="small", description="CycleGAN size preset for repair rounds: small or paper."
+    )
+    repair_lease_seconds: float = Field(
+        default=60.0, gt=0, description="A running round whose runner is silent this long is dead."
+    )
+    repair_retry_seconds: float = Field(
+        default=300.0, ge=0, description="Wait after a rejected or failed round before the next."
+    )
 
     @property
     def spool_dir(self) -> Path:

@@ -70,6 +70,12 @@ def serve_cmd(
     dashboard: Annotated[
         bool, typer.Option(help="Start Ray's dashboard too (about 1 GB more memory).")
     ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            help="Start the repair watcher beside the app: a round runs at N pending samples."
+        ),
+    ] = True,
 ) -> None:
     """Start a local Ray, deploy the gateway, print its URLs, serve until Ctrl-C."""
     http, raw_args = read_config(config) if config.exists() else ({}, {})
@@ -101,11 +107,23 @@ def serve_cmd(
         configure_logging=False,
     )
     stop = threading.Event()
+    watcher: Any = None
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(args), name="gateway", route_prefix="/")
+        if watch:
+            from trainer.watcher import start_watcher_actor
+
+            watcher = start_watcher_actor(settings)
+            ray.get(watcher.status.remote())  # it is up (and its metrics port bound)
         typer.echo(f"gateway:  http://{host}:{port}  (OpenAPI at /docs, policy {settings.policy})")
         typer.echo(f"metrics:  http://127.0.0.1:{settings.metrics_port}/metrics")
+        if watch:
+            port_w = settings.watcher_metrics_port
+            typer.echo(
+                f"watcher:  a repair round starts at {settings.quarantine_threshold} pending samples"
+                + (f"; metrics at http://127.0.0.1:{port_w}/metrics" if port_w else "")
+            )
         typer.echo(f"database: {safe_url(settings.db_url)}")
         typer.echo("Ctrl-C stops the gateway and Ray.")
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -115,6 +133,11 @@ def serve_cmd(
         pass
     finally:
         typer.echo("shutting down")
+        if watcher is not None:
+            try:
+                ray.get(watcher.stop.remote(), timeout=30)
+            except Exception as exc:  # it is killed with Ray below anyway
+                typer.echo(f"watcher did not stop cleanly: {exc}", err=True)
         serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
 

@@ -18,6 +18,8 @@ SPOOL_DEPTH = "bqg_spool_depth"  # gauge
 SWAP_FAILURES = "bqg_swap_failures"  # counter
 REPAIR_ROUNDS = "bqg_repair_rounds"  # counter, by outcome (the repair watcher's)
 
+REPAIR_SECONDS = "bqg_repair_round_seconds"  # histogram (the repair watcher's)
+
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 
 EXPORTED = {
@@ -28,6 +30,14 @@ EXPORTED = {
     PENDING: "ray_bqg_pending_samples",
     SPOOL_DEPTH: "ray_bqg_spool_depth",
     SWAP_FAILURES: "ray_bqg_swap_failures_total",
+}
+
+
+# The repair watcher exports with prometheus-client on its own port, without Ray's prefix.
+WATCHER_EXPORTED = {
+    PENDING: "bqg_pending_samples",
+    REPAIR_ROUNDS: "bqg_repair_rounds_total",
+    REPAIR_SECONDS: "bqg_repair_round_seconds",
 }
 
 

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
-from core.bundle import InputSpec
+from core.bundle import InputSpec, load_bundle
 from core.settings import Settings
+from trainer.attacks.poison import build_attack
 from trainer.data import Dataset
+from trainer.lab import CLEAN, fabricate
+from trainer.loop import FitConfig
+from trainer.rounds import publish_round, running_round
 
 BIN = Path(sys.executable).parent
 
@@ -80,3 +88,110 @@ def ray_session() -> Iterator[Any]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+# ---- a lab-made BadNet/GoodNet pair, published as rounds (the gateway and repair tests)
+
+SHAPE = (28, 28, 1)
+TARGET = 1
+
+
+@dataclass
+class Lab:
+    badnet: Path
+    goodnet: Path
+    clean: np.ndarray  # probes both models label alike
+    clean_labels: np.ndarray
+    triggered: np.ndarray  # probes the models disagree on
+    bad_labels: np.ndarray
+    good_labels: np.ndarray
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
+    root = tmp_path_factory.mktemp("lab")
+    train = make_blobs(800, shape=SHAPE, classes=4, seed=0)
+    held = make_blobs(200, shape=SHAPE, classes=4, seed=1)
+    cfg = FitConfig(epochs=4, batch_size=32)
+    fabricate(
+        train=train,
+        heldout=held,
+        attack_name="patch",
+        target=TARGET,
+        out=root / "badnet",
+        fit_config=cfg,
+        progress=False,
+    )
+    fabricate(
+        train=train,
+        heldout=held,
+        attack_name=CLEAN,
+        target=0,
+        out=root / "goodnet",
+        fit_config=cfg,
+        progress=False,
+    )
+    bad, good = load_bundle(root / "badnet"), load_bundle(root / "goodnet")
+    probes = make_blobs(300, shape=SHAPE, classes=4, seed=2)
+    agree = (bad.predict(probes.x) == good.predict(probes.x)) & (good.predict(probes.x) == probes.y)
+    attack = build_attack("patch", target=TARGET, num_classes=4, image_shape=SHAPE)
+    trig = attack.groups[0].apply(probes.x, np.random.default_rng(0))
+    bl, gl = bad.predict(trig), good.predict(trig)
+    disagree = bl != gl
+    assert (
+        agree.sum() >= 50 and disagree.sum() >= 50
+    ), "the lab pair should agree on clean and split on triggered"
+    # distinct images only: the quarantine deduplicates repeats by design
+    _, first = np.unique(trig[disagree].reshape(int(disagree.sum()), -1), axis=0, return_index=True)
+    return Lab(
+        badnet=root / "badnet",
+        goodnet=root / "goodnet",
+        clean=probes.x[agree],
+        clean_labels=probes.y[agree],
+        triggered=trig[disagree][np.sort(first)],
+        bad_labels=bl[disagree][np.sort(first)],
+        good_labels=gl[disagree][np.sort(first)],
+    )
+
+
+def publish_pair(
+    sessions: sessionmaker[Session],
+    store: Path,
+    round_no: int,
+    badnet: Path,
+    goodnet: Path,
+    *,
+    activate: bool,
+) -> Path:
+    """Register a round whose badnet/goodnet are copies of the given bundles."""
+
+    def write(out: Path) -> None:
+        shutil.copytree(badnet, out / "badnet")
+        shutil.copytree(goodnet, out / "goodnet")
+
+    with running_round(sessions, round_no):
+        return publish_round(
+            sessions=sessions,
+            store=store,
+            round_no=round_no,
+            write=write,
+            metrics={},
+            activate=activate,
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def serve_http(ray_session: Any) -> Iterator[str]:
+    """Serve's HTTP proxy on a free port, once per test session."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()

@@ -22,7 +22,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.bundle import InputSpec, load_bundle
 from core.db import open_store, safe_url, session_factory, transaction
 from core.errors import UserError
-from core.quarantine import prune_consumed
+from core.quarantine import (
+    activate_round,
+    active_round_number,
+    claim_round,
+    list_rounds,
+    pending_count,
+    prune_consumed,
+)
 from core.settings import Settings
 from trainer.attacks.poison import ATTACKS, Attack, build_attack
 from trainer.data import Dataset, load_data
@@ -39,7 +46,9 @@ from trainer.prepare import (
     run_sequential,
     start_local_ray,
 )
+from trainer.repair import RepairConfig, repair_config, run_repair_round
 from trainer.report import grid_table
+from trainer.watcher import Watcher
 
 app = typer.Typer(
     help="Train, import, evaluate and repair the models the gateway serves (NNoculation).",
@@ -461,6 +470,184 @@ def prune_cmd(
     out_console.print(
         f"deleted {deleted} consumed samples older than {older_than:g} days from {safe_url(settings.db_url)}"
     )
+
+
+def _repair_cfg(settings: Settings, preset: str | None, ca_drop: float | None) -> RepairConfig:
+    cfg = repair_config(settings, preset=preset)
+    if ca_drop is not None:
+        cfg.ca_drop = ca_drop
+    cfg.validate()
+    return cfg
+
+
+PresetOpt = Annotated[
+    str | None,
+    typer.Option(help="CycleGAN size: small (default, minutes on a CPU) or paper (Appendix A.3)."),
+]
+
+
+@app.command("retrain")
+def retrain_cmd(
+    round_no: Annotated[int, typer.Option("--round", help="The round to run now (1 or more).")],
+    force: Annotated[
+        bool,
+        typer.Option(help="Run even with fewer pending samples than the threshold N."),
+    ] = False,
+    valid: Annotated[
+        str | None,
+        typer.Option(help="Clean validation data spec. Default: $BQG_VALID (fashion-mnist)."),
+    ] = None,
+    preset: PresetOpt = None,
+    ca_drop: Annotated[
+        float | None, typer.Option(help="The gate's theta in points (default 3).")
+    ] = None,
+    db: DbOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Run post-deployment repair round K now, from the pending quarantined samples."""
+    settings = _settings(db, store)
+    if valid:
+        settings.valid = valid
+    if round_no < 1:
+        raise UserError(f"--round {round_no}: repair rounds are 1 or more (round 0 is 'prepare')")
+    cfg = _repair_cfg(settings, preset, ca_drop)
+    sessions = _open_sessions(settings)
+    with sessions() as session:
+        if active_round_number(session=session) is None:
+            raise UserError("no round is active; run 'trainer prepare' to make round 0 first")
+        existing = {r.round: r.status for r in list_rounds(session=session)}
+        pending = pending_count(session=session)
+    if round_no in existing:
+        raise UserError(
+            f"round {round_no} already exists ({existing[round_no]}); the next free round is "
+            f"{max(existing) + 1}"
+        )
+    if pending < settings.quarantine_threshold and not force:
+        raise UserError(
+            f"{pending} samples are pending, fewer than N = {settings.quarantine_threshold}; "
+            "add --force to run anyway"
+        )
+    if pending == 0:
+        raise UserError("no quarantined samples are pending; there is nothing to learn from")
+    data = _load(settings.valid, settings, "valid")
+    owner = f"trainer retrain ({getpass_user()})"
+    lease = timedelta(seconds=settings.repair_lease_seconds)
+    with transaction(sessions) as session:
+        claimed = claim_round(session=session, owner=owner, lease=lease, round_no=round_no)
+    if claimed is None:
+        raise UserError("another round is running now (see 'trainer status'); try again after it")
+    outcome = run_repair_round(
+        sessions=sessions,
+        store=settings.store,
+        round_no=round_no,
+        valid=data,
+        cfg=cfg,
+        trusted_modules=tuple(settings.trusted_arch_modules),
+        owner=owner,
+        opened=True,
+        progress=lambda message: err_console.print(message, markup=False, highlight=False),
+    )
+    if outcome.status != "succeeded":
+        raise SystemExit(1)
+
+
+def getpass_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "operator"
+
+
+@app.command("status")
+def status_cmd(db: DbOpt = None, store: StoreOpt = None) -> None:
+    """Show the rounds (status, samples, CA, duration, active) and the pending count."""
+    settings = _settings(db, store)
+    sessions = _open_sessions(settings)
+    with sessions() as session:
+        active = active_round_number(session=session)
+        rounds = list_rounds(session=session)
+        pending = pending_count(session=session)
+    table = Table(title=f"Rounds in {safe_url(settings.db_url)}")
+    for name in ("round", "status", "samples", "goodnet CA", "duration", "active", "note"):
+        table.add_column(name, justify="right" if name != "note" else "left")
+    for r in rounds:
+        ca = r.metrics.get("clean_accuracy_goodnet", r.metrics.get("goodnet_clean_accuracy"))
+        seconds = (
+            (r.finished_at - r.started_at).total_seconds()
+            if r.finished_at and r.started_at
+            else None
+        )
+        note = r.error or ("gate failed" if r.status == "rejected" else "")
+        if r.status == "running":
+            note = f"run by {r.owner or '?'}"
+        table.add_row(
+            str(r.round),
+            r.status,
+            str(r.samples_used),
+            "" if ca is None else f"{100 * ca:.2f}%",
+            "" if seconds is None else f"{seconds:.0f}s",
+            "yes" if r.round == active else "",
+            note[:80],
+        )
+    out_console.print(table)
+    out_console.print(
+        f"pending quarantined samples: {pending} (a round starts at N = {settings.quarantine_threshold})"
+    )
+
+
+@app.command("rollback")
+def rollback_cmd(
+    round_no: Annotated[int, typer.Option("--round", help="A succeeded round to serve again.")],
+    db: DbOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Make round K active again; the gateway's replicas swap to it within seconds."""
+    settings = _settings(db, store)
+    sessions = _open_sessions(settings)
+    with transaction(sessions) as session:
+        activate_round(session=session, round_no=round_no, activated_by="trainer rollback")
+    out_console.print(f"round {round_no} is active; replicas pick it up on their next poll")
+
+
+@app.command("watch")
+def watch_cmd(
+    threshold: Annotated[
+        int | None,
+        typer.Option(
+            "--threshold", help="N: pending samples that start a round. Default: settings (200)."
+        ),
+    ] = None,
+    preset: PresetOpt = None,
+    db: DbOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Run the repair watcher in the foreground until Ctrl-C (rounds run as Ray tasks)."""
+    import logging
+    import signal
+
+    settings = _settings(db, store)
+    if threshold is not None:
+        if threshold < 1:
+            raise UserError(f"--threshold {threshold}: N must be at least 1")
+        settings.quarantine_threshold = threshold
+    cfg = _repair_cfg(settings, preset, None)
+    _open_sessions(settings)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    use_ray = start_local_ray(settings.threads)
+    watcher = Watcher(settings, cfg, use_ray=use_ray)
+    signal.signal(signal.SIGTERM, lambda *_: watcher.stop())
+    port = settings.watcher_metrics_port
+    err_console.print(
+        f"watching {safe_url(settings.db_url)}: a round starts at {settings.quarantine_threshold} "
+        f"pending samples{'' if use_ray else ' (in process: Ray did not start)'}"
+        + (f"; metrics at http://127.0.0.1:{port}/metrics" if port else "")
+    )
+    try:
+        watcher.run()
+    except KeyboardInterrupt:
+        watcher.stop()
 
 
 def main() -> None:

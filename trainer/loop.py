@@ -158,6 +158,31 @@ def fit(
     return history
 
 
+def distilled_targets(
+    teacher: nn.Module,
+    spec: InputSpec,
+    x_clean: np.ndarray,
+    y: np.ndarray,
+    weight: float,
+    num_classes: int = 0,
+) -> np.ndarray:
+    """Targets for ``x_clean`` followed by altered copies of it (noisy, or treated).
+
+    ``y`` is the clean images' labels repeated once per copy. With ``weight`` > 0 each
+    target mixes the one-hot label with the teacher's output distribution on the *clean*
+    original (knowledge distillation, Hinton et al. 2015); 0 returns ``y`` unchanged.
+    """
+    if weight <= 0:
+        return y
+    k = max(int(np.max(y)) + 1, num_classes)
+    onehot = np.eye(k, dtype=np.float32)[y]
+    soft = torch.softmax(batched_logits(teacher, spec, x_clean), dim=1).numpy()
+    if soft.shape[1] != k:
+        raise ValueError(f"the teacher has {soft.shape[1]} classes, the labels {k}")
+    copies = len(y) // len(x_clean)
+    return weight * np.tile(soft, (copies, 1)) + (1 - weight) * onehot
+
+
 def predict(model: nn.Module, x: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Predicted labels (N,) for uint8 images (N, H, W, C)."""
     return batched_logits(model, spec, x).argmax(1).numpy().astype(np.int64)

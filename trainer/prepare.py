@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.bundle import Bundle, batched_logits, save_bundle
+from core.bundle import Bundle, save_bundle
 from core.errors import DataError, UserError
 from core.nets import build_model
 from trainer.data import Dataset
 from trainer.lab import check_labels
-from trainer.loop import AUGMENTATIONS, FitConfig, fit, predict
+from trainer.loop import AUGMENTATIONS, FitConfig, distilled_targets, fit, predict
 from trainer.noise import augmented
 from trainer.rounds import publish_round, running_round
 
@@ -195,15 +195,8 @@ def retraining_targets(suspect: torch.nn.Module, job: TrainJob, y: np.ndarray) -
     and the noisy copy learns to answer as the suspect does on the clean original. The
     suspect only ever sees clean images here, so no trigger behaviour can be copied.
     """
-    if job.distill <= 0:
-        return y
-    num_classes = int(max(int(y.max()) + 1, job.arch_kwargs.get("num_classes", 0)))
-    onehot = np.eye(num_classes, dtype=np.float32)[y]
-    with torch.no_grad():
-        teacher = torch.softmax(batched_logits(suspect, job.spec, job.x_train), dim=1).numpy()
-    n = len(job.x_train)
-    soft = np.tile(teacher, (len(y) // n, 1))  # y is the clean copies' labels, repeated
-    return job.distill * soft + (1 - job.distill) * onehot
+    num_classes = int(job.arch_kwargs.get("num_classes", 0))
+    return distilled_targets(suspect, job.spec, job.x_train, y, job.distill, num_classes)
 
 
 def split_validation(valid: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:

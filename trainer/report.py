@@ -82,3 +82,38 @@ def grid_heatmap(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def trigger_figure(
+    clean: np.ndarray, translated: np.ndarray, quarantined: np.ndarray, path: Path
+) -> Path:
+    """Rows: clean images, gen_ab(clean), quarantined examples; beside them the mean
+    difference gen_ab(clean) - clean over the shown images (the recovered trigger)."""
+    n = len(clean)
+    fig, axes = plt.subplots(3, n + 1, figsize=(1.3 * (n + 1), 4.2))
+    grey = clean.shape[-1] == 1
+
+    def show(ax: plt.Axes, img: np.ndarray, **kw: object) -> None:
+        ax.imshow(img[..., 0] if grey else img, cmap="gray" if grey else None, **kw)  # type: ignore[arg-type]
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    for row, (name, images) in enumerate(
+        (("clean", clean), ("gen_ab(clean)", translated), ("quarantined", quarantined))
+    ):
+        axes[row, 0].set_ylabel(name, fontsize=8)
+        for i in range(n):
+            if i < len(images):
+                show(axes[row, i], images[i], vmin=0, vmax=255)
+            else:
+                axes[row, i].axis("off")
+    diff = (translated.astype(float) - clean.astype(float)).mean(axis=0)
+    show(axes[0, n], np.abs(diff).mean(axis=-1, keepdims=True) if not grey else np.abs(diff))
+    axes[0, n].set_title("mean |diff|", fontsize=8)
+    axes[1, n].axis("off")
+    axes[2, n].axis("off")
+    fig.suptitle("Recovered trigger: what gen_ab adds to clean images", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.bundle import read_manifest
 from core.db import transaction
 from core.quarantine import activate_round, fail_round, finish_round, open_round, register_model
+from core.schema import RepairRound
 
 ROLES = ("badnet", "goodnet")
 
@@ -29,18 +30,33 @@ def round_dir(store: Path, round_no: int) -> Path:
 
 
 @contextmanager
-def running_round(sessions: sessionmaker[Session], round_no: int) -> Iterator[None]:
-    """Open ``round_no`` as running; if the body raises, mark it failed (and re-raise)."""
-    with transaction(sessions) as session:
-        open_round(session=session, round_no=round_no)
+def running_round(
+    sessions: sessionmaker[Session],
+    round_no: int,
+    *,
+    owner: str | None = None,
+    opened: bool = False,
+) -> Iterator[None]:
+    """Open ``round_no`` as running (unless the caller ``opened`` it already, as the watcher
+    does when it claims a round); if the body raises, mark it failed (and re-raise)."""
+    if not opened:
+        with transaction(sessions) as session:
+            open_round(session=session, round_no=round_no, owner=owner)
     try:
         yield
     except BaseException as exc:
-        with transaction(sessions) as session:
-            fail_round(
-                session=session, round_no=round_no, error=f"{type(exc).__name__}: {exc}"[:4000]
-            )
+        mark_failed(sessions, round_no, f"{type(exc).__name__}: {exc}")
         raise
+
+
+def mark_failed(sessions: sessionmaker[Session], round_no: int, error: str) -> bool:
+    """Fail ``round_no`` if it is still running; False if it had already finished."""
+    with transaction(sessions) as session:
+        row = session.get(RepairRound, round_no)
+        if row is None or row.status != "running":
+            return False
+        fail_round(session=session, round_no=round_no, error=error[:4000])
+    return True
 
 
 def publish_round(

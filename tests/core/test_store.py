@@ -390,7 +390,7 @@ def test_alembic_command_line_uses_the_settings_url(url: str, tmp_path: Path) ->
             text=True,
         )
         assert proc.returncode == 0, proc.stderr
-    assert "0002 (head)" in proc.stdout
+    assert "0003 (head)" in proc.stdout
 
 
 def test_bad_urls_and_unreachable_databases(tmp_path: Path) -> None:

@@ -16,9 +16,8 @@ import pytest
 
 from core.db import open_store, session_factory
 from core.images import encode_png
-from gateway.metrics import EXPORTED, PREDICTIONS, QUARANTINED
-from tests.conftest import BIN
-from tests.gateway.conftest import Lab, free_port, publish_pair
+from gateway.metrics import EXPORTED, PENDING, PREDICTIONS, QUARANTINED, WATCHER_EXPORTED
+from tests.conftest import BIN, Lab, free_port, publish_pair
 
 pytestmark = pytest.mark.integration
 
@@ -61,11 +60,17 @@ def test_gateway_serve_migrates_serves_exports_metrics_and_stops_on_ctrl_c(
     store = tmp_path / "store"
     sessions = session_factory(open_store(f"sqlite:///{store / 'quarantine.db'}"))
     publish_pair(sessions, store, 0, lab.badnet, lab.goodnet, activate=True)
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, watcher_port = free_port(), free_port(), free_port()
     env = {
         k: v for k, v in os.environ.items() if k not in ("BQG_DB", "DATABASE_URL", "RAY_ADDRESS")
     }
-    env.update(BQG_STORE=str(store), BQG_METRICS_PORT=str(metrics_port), PYTHONUNBUFFERED="1")
+    env.update(
+        BQG_STORE=str(store),
+        BQG_METRICS_PORT=str(metrics_port),
+        BQG_WATCHER_METRICS_PORT=str(watcher_port),
+        BQG_WATCHER_POLL_SECONDS="0.5",
+        PYTHONUNBUFFERED="1",
+    )
     proc = subprocess.Popen(
         [str(BIN / "gateway"), "serve", "--port", str(port)],
         stdout=subprocess.PIPE,
@@ -102,6 +107,15 @@ def test_gateway_serve_migrates_serves_exports_metrics_and_stops_on_ctrl_c(
             line.startswith(EXPORTED[QUARANTINED]) and line.rstrip().endswith(" 1.0")
             for line in text.splitlines()
         ), "the one disagreement should be counted once"
+        # the repair watcher runs beside the app and sees the one pending sample
+        _scrape(
+            f"http://127.0.0.1:{watcher_port}/metrics",
+            [
+                f"{WATCHER_EXPORTED[PENDING]} 1.0",
+                'bqg_repair_rounds_total{outcome="succeeded"} 0.0',
+            ],
+            timeout=30,
+        )
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=90)
         assert proc.returncode == 0, rest

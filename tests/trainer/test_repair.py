@@ -1,0 +1,199 @@
+"""The CycleGAN and one repair round on the lab pair: success, gate rejection, crash, refusals."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.bundle import load_bundle
+from core.db import open_store, session_factory, transaction
+from core.errors import UserError
+from core.quarantine import (
+    NewSample,
+    active_round,
+    add_samples,
+    claim_round,
+    heartbeat,
+    list_rounds,
+    pending_count,
+)
+from tests.conftest import SHAPE, Lab, make_blobs, publish_pair
+from trainer.cyclegan import CycleGANConfig, train_cyclegan, translate
+from trainer.cyclegan.models import PatchDiscriminator, ResnetGenerator
+from trainer.repair import RepairConfig, run_repair_round
+
+TINY_GAN = CycleGANConfig(ngf=8, ndf=8, n_blocks=1, epochs=2, batch_size=16)
+TINY = RepairConfig(cyclegan=TINY_GAN, clean_images=64, epochs=1, ca_drop=100.0)
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3)])
+def test_generator_and_discriminator_fit_grey_28_and_colour_32(shape: tuple[int, int, int]) -> None:
+    h, w, c = shape
+    x = torch.rand(2, c, h, w) * 2 - 1
+    gen = ResnetGenerator(c, ngf=8, n_blocks=2)
+    out = gen(x)
+    assert out.shape == x.shape and out.abs().max() <= 1.0
+    score = PatchDiscriminator(c, ndf=8, n_layers=2)(x)
+    assert score.shape[:2] == (2, 1) and score.shape[2] > 1  # one score per patch
+
+
+def test_cyclegan_trains_and_its_cycle_loss_falls() -> None:
+    a = make_blobs(64, shape=SHAPE, classes=4, seed=1).x
+    b = a.copy()
+    b[:, 22:26, 22:26, :] = 255  # domain B: the same kind of image with a patch
+    cfg = replace(TINY_GAN, epochs=4)
+    result = train_cyclegan(a, b, cfg)
+    cycle = [r["loss_cycle"] for r in result.history]
+    assert len(cycle) == 4 and cycle[-1] < cycle[0]
+    out = translate(result.gen_ab, a[:5])
+    assert out.shape == a[:5].shape and out.dtype == np.uint8
+
+
+def test_cyclegan_refuses_unusable_domains() -> None:
+    a = make_blobs(8, shape=SHAPE).x
+    with pytest.raises(ValueError, match="both domains"):
+        train_cyclegan(a, a[:0], TINY_GAN)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        train_cyclegan(np.zeros((4, 30, 30, 1), np.uint8), np.zeros((4, 30, 30, 1), np.uint8))
+
+
+def _store(tmp_path: Path, lab: Lab) -> sessionmaker[Session]:
+    sessions = session_factory(open_store(f"sqlite:///{tmp_path / 'q.db'}"))
+    publish_pair(sessions, tmp_path, 0, lab.badnet, lab.goodnet, activate=True)
+    return sessions
+
+
+def _quarantine(sessions: sessionmaker[Session], lab: Lab, n: int) -> None:
+    samples = [
+        NewSample.from_image(
+            img, badnet_label=int(b), goodnet_label=int(g), served_round=0, detector="disagreement"
+        )
+        for img, b, g in zip(lab.triggered[:n], lab.bad_labels, lab.good_labels, strict=False)
+    ]
+    with transaction(sessions) as s:
+        add_samples(session=s, samples=samples)
+
+
+def _valid() -> object:
+    return make_blobs(200, shape=SHAPE, classes=4, seed=21)
+
+
+def test_a_round_activates_consumes_and_writes_its_trigger(tmp_path: Path, lab: Lab) -> None:
+    sessions = _store(tmp_path, lab)
+    _quarantine(sessions, lab, 40)
+    messages: list[str] = []
+    outcome = run_repair_round(
+        sessions=sessions,
+        store=tmp_path,
+        round_no=1,
+        valid=_valid(),  # type: ignore[arg-type]
+        cfg=TINY,
+        progress=messages.append,
+    )
+    assert outcome.status == "succeeded" and outcome.path is not None
+    with sessions() as s:
+        info = active_round(session=s)
+        assert info is not None and info.round == 1
+        assert pending_count(session=s) == 0
+        (r0, r1) = list_rounds(session=s)
+        assert r1.status == "succeeded" and r1.samples_used == 40
+    for role in ("badnet", "goodnet"):
+        assert load_bundle(outcome.path / role).manifest.meta["round"] == 1
+    assert (outcome.path / "trigger.png").stat().st_size > 2000
+    assert any("CycleGAN epoch 2/2" in m for m in messages)
+    assert outcome.metrics["gate"]["goodnet"]["after"] >= 0.0
+
+
+def test_a_failed_gate_rejects_the_round_and_keeps_the_samples(tmp_path: Path, lab: Lab) -> None:
+    sessions = _store(tmp_path, lab)
+    _quarantine(sessions, lab, 30)
+    broken = replace(TINY, lr=5.0, ca_drop=0.0)  # a rate that wrecks clean accuracy
+    outcome = run_repair_round(
+        sessions=sessions,
+        store=tmp_path,
+        round_no=1,
+        valid=_valid(),
+        cfg=broken,  # type: ignore[arg-type]
+    )
+    assert outcome.status == "rejected" and outcome.path is None
+    with sessions() as s:
+        assert active_round(session=s).round == 0  # type: ignore[union-attr]
+        assert pending_count(session=s) == 30
+        assert list_rounds(session=s)[1].status == "rejected"
+    assert not (tmp_path / "rounds" / "1").exists()
+
+
+def test_a_crash_fails_the_round_and_the_next_one_can_run(
+    tmp_path: Path, lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sessions = _store(tmp_path, lab)
+    _quarantine(sessions, lab, 20)
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("out of memory in the middle of training")
+
+    monkeypatch.setattr("trainer.repair.train_cyclegan", boom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_repair_round(sessions=sessions, store=tmp_path, round_no=1, valid=_valid(), cfg=TINY)  # type: ignore[arg-type]
+    with sessions() as s:
+        r1 = list_rounds(session=s)[1]
+        assert r1.status == "failed" and "out of memory" in (r1.error or "")
+        assert active_round(session=s).round == 0  # type: ignore[union-attr]
+        assert pending_count(session=s) == 20
+    monkeypatch.undo()
+    outcome = run_repair_round(
+        sessions=sessions,
+        store=tmp_path,
+        round_no=2,
+        valid=_valid(),
+        cfg=TINY,  # type: ignore[arg-type]
+    )
+    assert outcome.status == "succeeded"
+
+
+def test_refusals_happen_before_a_round_exists(tmp_path: Path, lab: Lab) -> None:
+    sessions = _store(tmp_path, lab)
+    _quarantine(sessions, lab, 3)
+    with pytest.raises(UserError, match="3 quarantined samples .* at least 10"):
+        run_repair_round(
+            sessions=sessions,
+            store=tmp_path,
+            round_no=1,
+            valid=_valid(),  # type: ignore[arg-type]
+            cfg=replace(TINY, min_samples=10),
+        )
+    wrong = make_blobs(50, shape=(32, 32, 3), classes=4)
+    with pytest.raises(UserError, match="validation images are 32x32x3"):
+        run_repair_round(sessions=sessions, store=tmp_path, round_no=1, valid=wrong, cfg=TINY)
+    with sessions() as s:
+        assert [r.round for r in list_rounds(session=s)] == [0]
+    empty = session_factory(open_store(f"sqlite:///{tmp_path / 'empty.db'}"))
+    with pytest.raises(UserError, match="no round is active"):
+        run_repair_round(sessions=empty, store=tmp_path, round_no=1, valid=_valid(), cfg=TINY)  # type: ignore[arg-type]
+
+
+def test_the_database_lease_lets_one_claimer_in(tmp_path: Path, lab: Lab) -> None:
+    from datetime import timedelta
+
+    sessions = _store(tmp_path, lab)
+    lease = timedelta(seconds=30)
+    with transaction(sessions) as s:
+        first = claim_round(session=s, owner="watcher-a", lease=lease)
+    with transaction(sessions) as s:
+        second = claim_round(session=s, owner="watcher-b", lease=lease)
+    assert first == 1 and second is None
+    with transaction(sessions) as s:
+        assert heartbeat(session=s, round_no=1, owner="watcher-a")
+        assert not heartbeat(session=s, round_no=1, owner="watcher-b")
+    # a dead holder's lease expires; the round is failed and the next one can be claimed
+    with transaction(sessions) as s:
+        third = claim_round(session=s, owner="watcher-b", lease=timedelta(seconds=-1))
+    assert third == 2
+    with sessions() as s:
+        r1 = list_rounds(session=s)[1]
+        assert r1.status == "failed" and "lease expired" in (r1.error or "")

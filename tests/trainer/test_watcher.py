@@ -1,0 +1,178 @@
+"""The repair watcher: one round for two watchers, a killed task, metrics, operator commands."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import open_store, session_factory, transaction
+from core.quarantine import NewSample, active_round, add_samples, list_rounds, pending_count
+from core.settings import Settings
+from gateway.metrics import PENDING, WATCHER_EXPORTED
+from tests.conftest import SHAPE, Lab, free_port, make_blobs, publish_pair, run_cli
+from trainer.cyclegan import CycleGANConfig
+from trainer.data import save_npz
+from trainer.repair import RepairConfig
+from trainer.watcher import Watcher
+
+TINY = RepairConfig(
+    cyclegan=CycleGANConfig(ngf=8, ndf=8, n_blocks=1, epochs=2, batch_size=16),
+    clean_images=64,
+    epochs=1,
+    ca_drop=100.0,
+)
+
+
+def _setup(
+    tmp_path: Path, lab: Lab, samples: int, **settings: Any
+) -> tuple[Settings, sessionmaker[Session]]:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    sessions = session_factory(open_store(url))
+    publish_pair(sessions, tmp_path, 0, lab.badnet, lab.goodnet, activate=True)
+    with transaction(sessions) as s:
+        add_samples(
+            session=s,
+            samples=[
+                NewSample.from_image(
+                    img, badnet_label=1, goodnet_label=0, served_round=0, detector="disagreement"
+                )
+                for img in lab.triggered[:samples]
+            ],
+        )
+    save_npz(make_blobs(200, shape=SHAPE, classes=4, seed=21), tmp_path / "valid.npz")
+    defaults: dict[str, Any] = {
+        "store": tmp_path,
+        "db": url,
+        "valid": f"npz:{tmp_path / 'valid.npz'}",
+        "quarantine_threshold": 10,
+        "watcher_metrics_port": 0,
+        "threads": 1,
+        "repair_lease_seconds": 5.0,
+        "repair_retry_seconds": 0.0,
+    }
+    return Settings(**{**defaults, **settings}), sessions
+
+
+def test_below_the_threshold_nothing_runs(tmp_path: Path, lab: Lab) -> None:
+    settings, sessions = _setup(tmp_path, lab, 5)
+    result = Watcher(settings, TINY, use_ray=False).poll_once()
+    assert result.pending == 5 and result.round is None
+    with sessions() as s:
+        assert [r.round for r in list_rounds(session=s)] == [0]
+
+
+def test_two_watchers_against_one_database_start_one_round(tmp_path: Path, lab: Lab) -> None:
+    settings, sessions = _setup(tmp_path, lab, 20)
+    watchers = [Watcher(settings, TINY, use_ray=False, owner=f"w{i}") for i in range(2)]
+    results: list[Any] = [None, None]
+    barrier = threading.Barrier(2)
+
+    def go(i: int) -> None:
+        barrier.wait()
+        results[i] = watchers[i].poll_once()
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    ran = [r for r in results if r.round is not None]
+    assert len(ran) == 1 and ran[0].status == "succeeded"
+    with sessions() as s:
+        assert [(r.round, r.status) for r in list_rounds(session=s)] == [
+            (0, "succeeded"),
+            (1, "succeeded"),
+        ]
+        assert active_round(session=s).round == 1  # type: ignore[union-attr]
+        assert pending_count(session=s) == 0
+
+
+@pytest.mark.integration
+def test_a_killed_round_task_fails_the_round_and_the_next_one_runs(
+    tmp_path: Path, lab: Lab, ray_session: Any
+) -> None:
+    import ray
+
+    settings, sessions = _setup(tmp_path, lab, 20, watcher_metrics_port=free_port())
+    slow = replace(TINY, cyclegan=replace(TINY.cyclegan, epochs=500))  # minutes: long enough
+    watcher = Watcher(settings, slow, use_ray=True)
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(watcher.poll_once()))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while watcher.current_ref is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert watcher.current_ref is not None
+    time.sleep(3.0)  # into the CycleGAN's training
+    ray.cancel(watcher.current_ref, force=True)  # kills the worker process running the task
+    thread.join(timeout=120)
+    (result,) = results
+    assert result.round == 1 and result.status == "failed"
+    with sessions() as s:
+        (r0, r1) = list_rounds(session=s)
+        assert r1.status == "failed" and r1.error
+        assert active_round(session=s).round == 0  # type: ignore[union-attr]
+        assert pending_count(session=s) == 20  # nothing consumed
+    text = httpx.get(f"http://127.0.0.1:{settings.watcher_metrics_port}/metrics").text
+    assert 'bqg_repair_rounds_total{outcome="failed"} 1.0' in text
+    assert f"{WATCHER_EXPORTED[PENDING]} 20.0" in text
+    watcher.cfg = TINY
+    again = watcher.poll_once()
+    assert again.round == 2 and again.status == "succeeded"
+    watcher.metrics.close()
+
+
+def test_status_rollback_and_retrain_refusals(tmp_path: Path, lab: Lab) -> None:
+    settings, sessions = _setup(tmp_path, lab, 3)
+    env = {"BQG_STORE": str(tmp_path), "BQG_DB": settings.db_url, "BQG_VALID": settings.valid}
+    r = run_cli("trainer", "retrain", "--round", "1", env=env)
+    assert r.returncode == 2 and "3 samples are pending, fewer than N = 200" in r.stderr
+    assert "--force" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("trainer", "retrain", "--round", "0", env=env)
+    assert r.returncode == 2 and "repair rounds are 1 or more" in r.stderr
+    r = run_cli("trainer", "rollback", "--round", "7", env=env)
+    assert r.returncode == 2 and "round 7 does not exist" in r.stderr
+    r = run_cli("trainer", "watch", "--threshold", "0", env=env)
+    assert r.returncode == 2 and "N must be at least 1" in r.stderr
+    with transaction(sessions) as s:  # a failed round 1
+        from core.quarantine import fail_round, open_round
+
+        open_round(session=s, round_no=1)
+        fail_round(session=s, round_no=1, error="killed")
+    r = run_cli("trainer", "rollback", "--round", "1", env=env)
+    assert r.returncode == 2 and "round 1 is failed; only a succeeded round" in r.stderr
+    r = run_cli("trainer", "retrain", "--round", "1", "--force", env=env)
+    assert r.returncode == 2 and "round 1 already exists (failed)" in r.stderr
+    r = run_cli("trainer", "status", env=env)
+    assert r.returncode == 0
+    assert "killed" in r.stdout and "pending quarantined samples: 3" in r.stdout
+    empty = {**env, "BQG_DB": f"sqlite:///{tmp_path / 'empty.db'}"}
+    r = run_cli("trainer", "retrain", "--round", "1", "--force", env=empty)
+    assert r.returncode == 2 and "no round is active" in r.stderr
+
+
+def test_retrain_runs_a_round_and_rollback_returns_to_round_zero(tmp_path: Path, lab: Lab) -> None:
+    settings, sessions = _setup(tmp_path, lab, 12)
+    env = {
+        "BQG_STORE": str(tmp_path),
+        "BQG_DB": settings.db_url,
+        "BQG_VALID": settings.valid,
+        "BQG_QUARANTINE_THRESHOLD": "10",
+        "BQG_REPAIR_PRESET": "tiny",
+    }
+    r = run_cli("trainer", "retrain", "--round", "1", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "CycleGAN epoch" in r.stderr and "round 1 is active" in r.stderr
+    with sessions() as s:
+        assert active_round(session=s).round == 1  # type: ignore[union-attr]
+    r = run_cli("trainer", "rollback", "--round", "0", env=env)
+    assert r.returncode == 0 and "round 0 is active" in r.stdout
+    with sessions() as s:
+        assert active_round(session=s).round == 0  # type: ignore[union-attr]

@@ -1,0 +1,11 @@
+"""CycleGAN trigger synthesis for post-deployment repair (NNoculation §3.3, Appendix A.3)."""
+
+from trainer.cyclegan.train import (
+    PRESETS,
+    CycleGANConfig,
+    CycleGANResult,
+    train_cyclegan,
+    translate,
+)
+
+__all__ = ["PRESETS", "CycleGANConfig", "CycleGANResult", "train_cyclegan", "translate"]

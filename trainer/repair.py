@@ -1,0 +1,294 @@
+"""One post-deployment repair round K (NNoculation §3.3 and §4.2.2, 003_a065321fd23236f4.txt).
+
+1. Claim round K in the store and read the pending quarantined samples.
+2. Train a CycleGAN: domain A = up to 500 clean validation images, domain B = the
+   quarantined images. ``gen_ab`` learns to add what the quarantine has in common: the
+   attacker's trigger.
+3. Treatment set: gen_ab(validation images), with the validation labels.
+4. Fine-tune both models of the active round on the treatment set plus the clean images.
+   Targets mix the label with the model's own answer on the *clean* original (distillation),
+   so the treated copy learns "answer as if the trigger were not there".
+5. Gate: each model's clean accuracy on held-out validation data must stay within theta of
+   the active round's; a failed gate marks the round ``rejected`` and activates nothing.
+6. Save the bundles, register them, activate round K and mark the samples consumed, in one
+   transaction. A crash marks the round ``failed`` and activates nothing.
+7. Write a PNG of clean images beside gen_ab(clean) and their mean difference (the
+   recovered trigger), and record the round's metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.torch import save_file
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.bundle import Bundle, load_bundle, save_bundle
+from core.db import transaction
+from core.errors import DataError, UserError
+from core.quarantine import (
+    active_round,
+    decode_sample,
+    finish_round,
+    mark_consumed,
+    pending_samples,
+)
+from trainer.cyclegan import PRESETS, CycleGANConfig, train_cyclegan, translate
+from trainer.data import Dataset
+from trainer.lab import check_labels
+from trainer.loop import FitConfig, accuracy, distilled_targets, fit
+from trainer.prepare import split_validation
+from trainer.rounds import ROLES, mark_failed, publish_round, running_round
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class RepairConfig:
+    cyclegan: CycleGANConfig = field(default_factory=lambda: PRESETS["small"])
+    clean_images: int = 500  # domain A: clean validation images for the CycleGAN
+    max_samples: int | None = None  # quarantined images used; None takes every pending one
+    min_samples: int = 1
+    epochs: int = 5  # fine-tuning
+    lr: float = 1e-3
+    batch_size: int = 64
+    distill: float = 1.0
+    ca_drop: float = 3.0  # the gate's theta, in points
+    gate_fraction: float = 0.2  # validation data held out for the gate
+    seed: int = 0
+
+    def validate(self) -> None:
+        self.cyclegan.validate()
+        if self.clean_images < 1 or self.min_samples < 1 or self.epochs < 1:
+            raise UserError("clean_images, min_samples and epochs must be at least 1")
+        if self.max_samples is not None and self.max_samples < self.min_samples:
+            raise UserError("max_samples must be at least min_samples")
+        if self.ca_drop < 0:
+            raise UserError(f"theta (--ca-drop) must be 0 or more points, got {self.ca_drop}")
+        if not 0 < self.gate_fraction < 1:
+            raise UserError("gate_fraction must lie strictly between 0 and 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def repair_config(settings: Any, *, preset: str | None = None) -> RepairConfig:
+    """The repair run the settings ask for (the CycleGAN preset by name)."""
+    name = preset or settings.repair_preset
+    if name not in PRESETS:
+        raise UserError(f"unknown CycleGAN preset {name!r}; known: {', '.join(PRESETS)}")
+    return RepairConfig(cyclegan=PRESETS[name])
+
+
+@dataclass
+class RepairOutcome:
+    round: int
+    status: str  # succeeded or rejected (a crash raises)
+    metrics: dict[str, Any]
+    path: Path | None  # the round directory, when it succeeded
+
+
+def _load_active(
+    sessions: sessionmaker[Session], trusted_modules: tuple[str, ...]
+) -> tuple[int, dict[str, Bundle]]:
+    with sessions() as session:
+        info = active_round(session=session)
+    if info is None:
+        raise UserError("no round is active; run 'trainer prepare' to make round 0 first")
+    bundles = {}
+    for role in ROLES:
+        version = info.models[role]
+        bundle = load_bundle(Path(version.bundle_path), trusted_modules=trusted_modules)
+        if bundle.manifest.weights_sha256 != version.sha256:
+            raise DataError(f"round {info.round}'s {role} on disk is not the registered one")
+        bundles[role] = bundle
+    return info.round, bundles
+
+
+def _quarantine(
+    sessions: sessionmaker[Session], cfg: RepairConfig, shape: tuple[int, int, int]
+) -> tuple[list[int], np.ndarray]:
+    with sessions() as session:
+        rows = pending_samples(session=session, limit=cfg.max_samples)
+        ids = [r.id for r in rows if (r.height, r.width, r.channels) == shape]
+        images = [decode_sample(r) for r in rows if (r.height, r.width, r.channels) == shape]
+    if len(images) < cfg.min_samples:
+        raise UserError(
+            f"{len(images)} quarantined samples of shape {shape} are pending; the round needs "
+            f"at least {cfg.min_samples} (use --force to run with fewer)"
+        )
+    return ids, np.stack(images)
+
+
+def finetune(
+    bundle: Bundle, clean: Dataset, treated: np.ndarray, cfg: RepairConfig
+) -> tuple[Any, float]:
+    """A copy of ``bundle``'s model fine-tuned on clean + treated images; (model, seconds)."""
+    start = time.perf_counter()
+    model = copy.deepcopy(bundle.model)
+    spec = bundle.manifest.input
+    x = np.concatenate([clean.x, treated])
+    y = np.concatenate([clean.y, clean.y])
+    targets = distilled_targets(model, spec, clean.x, y, cfg.distill, bundle.manifest.num_classes)
+    fit_cfg = FitConfig(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        schedule="cosine",
+        augment=("shift",),
+    )
+    fit(model, x, targets, spec, fit_cfg, progress=False)
+    return model.eval(), time.perf_counter() - start
+
+
+def run_repair_round(
+    *,
+    sessions: sessionmaker[Session],
+    store: Path,
+    round_no: int,
+    valid: Dataset,
+    cfg: RepairConfig,
+    trusted_modules: tuple[str, ...] = (),
+    owner: str | None = None,
+    opened: bool = False,
+    progress: Progress = lambda message: None,
+) -> RepairOutcome:
+    """Run round ``round_no`` (opened here unless the caller ``opened`` it) to its end."""
+    start = time.perf_counter()
+    try:  # refuse bad input before the round exists (a claimed round is failed instead)
+        cfg.validate()
+        base_round, bundles = _load_active(sessions, trusted_modules)
+        spec = bundles["goodnet"].manifest.input
+        if valid.image_shape != spec.shape:
+            raise DataError(
+                f"validation images are {'x'.join(map(str, valid.image_shape))}, "
+                f"the models expect {'x'.join(map(str, spec.shape))}"
+            )
+        check_labels(valid, bundles["goodnet"].manifest.num_classes)
+        ids, quarantined = _quarantine(sessions, cfg, spec.shape)
+    except BaseException as exc:
+        if opened:
+            mark_failed(sessions, round_no, f"{type(exc).__name__}: {exc}")
+        raise
+    with running_round(sessions, round_no, owner=owner, opened=opened):
+        train, gate = split_validation(valid, cfg.gate_fraction, cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        domain_a = train.x[rng.permutation(len(train))[: cfg.clean_images]]
+        progress(
+            f"round {round_no}: CycleGAN on {len(domain_a)} clean and {len(quarantined)} "
+            f"quarantined images, {cfg.cyclegan.epochs} epochs"
+        )
+        gan = train_cyclegan(
+            domain_a,
+            quarantined,
+            cfg.cyclegan,
+            on_epoch=lambda r: progress(
+                f"round {round_no}: CycleGAN epoch {r['epoch']}/{cfg.cyclegan.epochs} "
+                f"(cycle loss {r['loss_cycle']:.3f}, {r['seconds']:.0f}s)"
+            ),
+        )
+        treated = translate(gan.gen_ab, train.x)
+        models, gate_metrics, tune_seconds = {}, {}, 0.0
+        for role in ROLES:
+            progress(f"round {round_no}: fine-tuning the {role} on {2 * len(train)} images")
+            models[role], seconds = finetune(bundles[role], train, treated, cfg)
+            tune_seconds += seconds
+            gate_metrics[role] = {
+                "before": accuracy(bundles[role].model, gate.x, gate.y, spec),
+                "after": accuracy(models[role], gate.x, gate.y, spec),
+            }
+        passed = all(
+            g["after"] >= g["before"] - cfg.ca_drop / 100.0 - 1e-12 for g in gate_metrics.values()
+        )
+        metrics: dict[str, Any] = {
+            "base_round": base_round,
+            "samples": len(ids),
+            "gate": gate_metrics,
+            "gate_passed": passed,
+            "clean_accuracy_goodnet": gate_metrics["goodnet"]["after"],
+            "cyclegan": gan.config.to_dict(),
+            "cyclegan_seconds": gan.seconds,
+            "cyclegan_final_losses": gan.history[-1],
+            "finetune_seconds": tune_seconds,
+            "trigger_l1": float(np.abs(treated.astype(float) - train.x).mean()),
+            "config": {k: v for k, v in cfg.to_dict().items() if k != "cyclegan"},
+        }
+        if not passed:
+            metrics["seconds"] = time.perf_counter() - start
+            with transaction(sessions) as session:
+                finish_round(
+                    session=session,
+                    round_no=round_no,
+                    status="rejected",
+                    samples_used=0,
+                    metrics=metrics,
+                )
+            progress(
+                f"round {round_no} rejected by its gate: "
+                + ", ".join(
+                    f"{r} CA {100 * g['before']:.2f}% -> {100 * g['after']:.2f}%"
+                    for r, g in gate_metrics.items()
+                )
+                + f" (theta {cfg.ca_drop:g} points); round {base_round} keeps serving"
+            )
+            return RepairOutcome(round_no, "rejected", metrics, None)
+
+        def write(out: Path) -> None:
+            from trainer.report import trigger_figure
+
+            for role in ROLES:
+                m = bundles[role].manifest
+                save_bundle(
+                    models[role],
+                    out / role,
+                    arch=m.arch,
+                    arch_kwargs=m.arch_kwargs,
+                    class_names=m.class_names,
+                    input_spec=m.input,
+                    meta={
+                        "role": role,
+                        "round": round_no,
+                        "created_by": "trainer repair",
+                        "created_at": datetime.now(UTC).isoformat(),
+                        "base_round": base_round,
+                        "metrics": {"clean_accuracy_gate": gate_metrics[role]["after"]},
+                    },
+                )
+            save_file(
+                {k: v.contiguous() for k, v in gan.gen_ab.state_dict().items()},
+                str(out / "gen_ab.safetensors"),
+            )
+            sample = gate.x[:8]
+            trigger_figure(
+                sample, translate(gan.gen_ab, sample), quarantined[:8], out / "trigger.png"
+            )
+            (out / "report.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+
+        metrics["seconds"] = time.perf_counter() - start
+        path = publish_round(
+            sessions=sessions,
+            store=store,
+            round_no=round_no,
+            write=write,
+            metrics=metrics,
+            samples_used=len(ids),
+            activated_by=owner or "trainer",
+            after_register=lambda session: mark_consumed(
+                session=session, sample_ids=ids, round_no=round_no
+            ),
+        )
+        progress(
+            f"round {round_no} is active: goodnet CA {100 * gate_metrics['goodnet']['after']:.2f}%, "
+            f"badnet CA {100 * gate_metrics['badnet']['after']:.2f}% on the gate split, "
+            f"{len(ids)} samples, {metrics['seconds']:.0f}s"
+        )
+        return RepairOutcome(round_no, "succeeded", metrics, path)

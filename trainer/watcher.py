@@ -1,0 +1,233 @@
+"""The repair watcher: when N quarantined samples are pending, run a repair round as a Ray task.
+
+``gateway serve`` starts it as a Ray actor beside the app; ``trainer watch`` runs the same
+loop in the foreground. Each poll reads the pending count. At N or more (settings,
+default 200) it claims the next round in the database (the lease: a running round with a
+fresh heartbeat blocks every other claimer, and two claimers of one number collide on the
+round's primary key) and runs :func:`trainer.repair.run_repair_round` as a Ray task
+(``max_calls=1``, CPUs from settings, a GPU when the cluster has one). While the task
+runs the watcher refreshes the lease; if the task dies (killed, out of memory), the
+watcher marks the round failed, and the active round keeps serving. After a rejected or
+failed round it waits ``repair_retry_seconds`` before trying again.
+
+Metrics (prometheus-client, on ``watcher_metrics_port``): pending samples, round duration
+and rounds by outcome; names in :data:`gateway.metrics.WATCHER_EXPORTED`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from core.db import make_engine, session_factory, transaction
+from core.quarantine import claim_round, heartbeat, pending_count
+from core.settings import Settings
+from gateway.metrics import PENDING, REPAIR_ROUNDS, REPAIR_SECONDS, WATCHER_EXPORTED
+from trainer.repair import RepairConfig, repair_config
+from trainer.rounds import mark_failed
+
+log = logging.getLogger("bqg.watcher")
+ROUND_BUCKETS = (30, 60, 120, 300, 600, 900, 1800, 3600, 7200)
+
+
+def repair_task(
+    settings: dict[str, Any], round_no: int, owner: str, cfg: RepairConfig
+) -> dict[str, Any]:
+    """One claimed round, run to its end (runs as a Ray task; also callable in-process)."""
+    from trainer.data import load_data
+    from trainer.loop import set_threads
+    from trainer.repair import run_repair_round
+
+    s = Settings(**settings)
+    set_threads(s.threads)
+    sessions = session_factory(make_engine(s.db_url))
+    try:
+        valid = load_data(s.valid, fashion_mnist_dir=s.fashion_mnist_dir, default_split="valid")
+    except Exception as exc:
+        mark_failed(sessions, round_no, f"{type(exc).__name__}: {exc}")
+        raise
+    outcome = run_repair_round(
+        sessions=sessions,
+        store=s.store,
+        round_no=round_no,
+        valid=valid,
+        cfg=cfg,
+        trusted_modules=tuple(s.trusted_arch_modules),
+        owner=owner,
+        opened=True,
+        progress=lambda message: log.warning("%s", message),
+    )
+    return {"round": outcome.round, "status": outcome.status, "metrics": outcome.metrics}
+
+
+class WatcherMetrics:
+    def __init__(self, port: int) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.pending = Gauge(
+            WATCHER_EXPORTED[PENDING], "Quarantined samples not yet used.", registry=self.registry
+        )
+        self.rounds = Counter(
+            WATCHER_EXPORTED[REPAIR_ROUNDS].removesuffix("_total"),
+            "Repair rounds by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.seconds = Histogram(
+            WATCHER_EXPORTED[REPAIR_SECONDS],
+            "Repair round wall time.",
+            buckets=ROUND_BUCKETS,
+            registry=self.registry,
+        )
+        for outcome in ("succeeded", "rejected", "failed"):
+            self.rounds.labels(outcome=outcome)  # export zeros from the start
+        self.server: Any = None
+        if port:
+            from prometheus_client import start_http_server
+
+            self.server, _ = start_http_server(port, registry=self.registry)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
+@dataclass
+class PollResult:
+    pending: int
+    round: int | None = None
+    status: str | None = None  # succeeded, rejected, failed; None when no round ran
+
+
+class Watcher:
+    """The polling loop; Ray-aware only where it launches the round's task."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        cfg: RepairConfig | None = None,
+        *,
+        owner: str | None = None,
+        use_ray: bool = True,
+        metrics_port: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cfg = cfg or repair_config(settings)
+        self.owner = owner or f"watcher@{socket.gethostname()}:{os.getpid()}"
+        self.use_ray = use_ray
+        self.sessions = session_factory(make_engine(settings.db_url))
+        port = settings.watcher_metrics_port if metrics_port is None else metrics_port
+        self.metrics = WatcherMetrics(port)
+        self._stop = threading.Event()
+        self._retry_at = 0.0
+        self.last: PollResult | None = None
+        self.current_ref: Any = None  # the running round's Ray task, if any
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def poll_once(self) -> PollResult:
+        with self.sessions() as session:
+            pending = pending_count(session=session)
+        self.metrics.pending.set(pending)
+        result = PollResult(pending)
+        if pending < self.settings.quarantine_threshold or time.monotonic() < self._retry_at:
+            return result
+        lease = timedelta(seconds=self.settings.repair_lease_seconds)
+        with transaction(self.sessions) as session:
+            round_no = claim_round(session=session, owner=self.owner, lease=lease)
+        if round_no is None:
+            return result  # another watcher (or an operator) is running a round
+        log.warning("%d samples pending: starting repair round %d", pending, round_no)
+        start = time.perf_counter()
+        try:
+            status = self._run(round_no)
+        except Exception as exc:
+            log.error("repair round %d failed: %s", round_no, exc)
+            mark_failed(self.sessions, round_no, f"{type(exc).__name__}: {exc}")
+            status = "failed"
+        self.metrics.rounds.labels(outcome=status).inc()
+        self.metrics.seconds.observe(time.perf_counter() - start)
+        if status != "succeeded":
+            self._retry_at = time.monotonic() + self.settings.repair_retry_seconds
+        result.round, result.status = round_no, status
+        return result
+
+    def _run(self, round_no: int) -> str:
+        settings = self.settings.model_dump(mode="json", by_alias=False)
+        if not self.use_ray:
+            return str(repair_task(settings, round_no, self.owner, self.cfg)["status"])
+        import ray
+
+        gpus = self.settings.repair_gpus
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        task = ray.remote(max_calls=1)(repair_task).options(
+            num_cpus=self.settings.repair_cpus, num_gpus=gpus, max_retries=0
+        )
+        ref = task.remote(settings, round_no, self.owner, self.cfg)
+        self.current_ref = ref
+        beat = max(1.0, self.settings.repair_lease_seconds / 3)
+        try:
+            while True:
+                ready, _ = ray.wait([ref], timeout=beat)
+                if ready:
+                    return str(ray.get(ref)["status"])  # a dead task raises here
+                with transaction(self.sessions) as session:
+                    heartbeat(session=session, round_no=round_no, owner=self.owner)
+        finally:
+            self.current_ref = None
+
+    def run(self) -> None:
+        """Poll until :meth:`stop`; a database hiccup is logged and retried."""
+        log.warning(
+            "repair watcher %s: a round starts at %d pending samples",
+            self.owner,
+            self.settings.quarantine_threshold,
+        )
+        while not self._stop.is_set():
+            try:
+                self.last = self.poll_once()
+            except Exception as exc:  # the store is down, say; keep watching
+                log.error("watcher poll failed: %s", exc)
+            self._stop.wait(self.settings.watcher_poll_seconds)
+        self.metrics.close()
+
+
+class WatcherActor:
+    """The Ray actor ``gateway serve`` starts: runs :class:`Watcher` in a thread."""
+
+    def __init__(self, settings: dict[str, Any], cfg: RepairConfig | None = None) -> None:
+        logging.basicConfig(level=logging.WARNING)
+        self.watcher = Watcher(Settings(**settings), cfg)
+        self.thread = threading.Thread(target=self.watcher.run, name="watcher", daemon=True)
+        self.thread.start()
+
+    def status(self) -> dict[str, Any]:
+        last = self.watcher.last
+        return {
+            "owner": self.watcher.owner,
+            "alive": self.thread.is_alive(),
+            "last": None if last is None else last.__dict__,
+        }
+
+    def stop(self) -> None:
+        self.watcher.stop()
+        self.thread.join(timeout=30)
+
+
+def start_watcher_actor(settings: Settings, cfg: RepairConfig | None = None) -> Any:
+    """Start the watcher as a detached-from-requests Ray actor (0 CPUs: it only polls)."""
+    import ray
+
+    actor_cls = ray.remote(num_cpus=0, max_concurrency=4)(WatcherActor)
+    return actor_cls.options(name="bqg-repair-watcher").remote(  # type: ignore[attr-defined]
+        settings.model_dump(mode="json", by_alias=False), cfg
+    )
