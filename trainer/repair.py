@@ -150,6 +150,16 @@ def finetune(
     return model.eval(), time.perf_counter() - start
 
 
+def consume(session: Session, ids: list[int], round_no: int) -> None:
+    """Mark the round's samples consumed; all of them must still be pending."""
+    marked = mark_consumed(session=session, sample_ids=ids, round_no=round_no)
+    if marked != len(ids):
+        raise DataError(
+            f"{len(ids) - marked} of round {round_no}'s samples were consumed meanwhile "
+            "by another round; nothing was activated"
+        )
+
+
 def run_repair_round(
     *,
     sessions: sessionmaker[Session],
@@ -282,9 +292,7 @@ def run_repair_round(
             metrics=metrics,
             samples_used=len(ids),
             activated_by=owner or "trainer",
-            after_register=lambda session: mark_consumed(
-                session=session, sample_ids=ids, round_no=round_no
-            ),
+            after_register=lambda session: consume(session, ids, round_no),
         )
         progress(
             f"round {round_no} is active: goodnet CA {100 * gate_metrics['goodnet']['after']:.2f}%, "

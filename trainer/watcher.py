@@ -227,7 +227,7 @@ def start_watcher_actor(settings: Settings, cfg: RepairConfig | None = None) -> 
     """Start the watcher as a detached-from-requests Ray actor (0 CPUs: it only polls)."""
     import ray
 
-    actor_cls = ray.remote(num_cpus=0, max_concurrency=4)(WatcherActor)
-    return actor_cls.options(name="bqg-repair-watcher").remote(  # type: ignore[attr-defined]
+    actor_cls: Any = ray.remote(WatcherActor)
+    return actor_cls.options(num_cpus=0, max_concurrency=4, name="bqg-repair-watcher").remote(
         settings.model_dump(mode="json", by_alias=False), cfg
     )

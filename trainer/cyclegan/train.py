@@ -71,7 +71,8 @@ class ImagePool:
     """Zhu et al.'s history buffer: half the time a fake is swapped for an older one."""
 
     def __init__(self, size: int, rng: random.Random) -> None:
-        self.size, self.images, self.rng = size, [], rng  # type: list[torch.Tensor]
+        self.size, self.rng = size, rng
+        self.images: list[torch.Tensor] = []
 
     def query(self, batch: torch.Tensor) -> torch.Tensor:
         if self.size == 0:
@@ -105,7 +106,11 @@ def from_unit(t: torch.Tensor) -> NDArray[np.uint8]:
 def translate(gen: nn.Module, x: NDArray[np.uint8], batch_size: int = 256) -> NDArray[np.uint8]:
     """Run a generator over uint8 images, batched; returns uint8 images of the same shape."""
     gen.eval()
-    parts = [from_unit(gen(to_unit(x[i : i + batch_size]))) for i in range(0, len(x), batch_size)]
+    device = next(gen.parameters()).device
+    parts = [
+        from_unit(gen(to_unit(x[i : i + batch_size]).to(device)).cpu())
+        for i in range(0, len(x), batch_size)
+    ]
     return np.concatenate(parts) if parts else x.copy()
 
 
@@ -150,6 +155,9 @@ def train_cyclegan(
         ResnetGenerator(c, cfg.ngf, cfg.n_blocks),
     )
     disc_a, disc_b = (PatchDiscriminator(c, cfg.ndf, cfg.disc_layers) for _ in range(2))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU when present
+    for m in (gen_ab, gen_ba, disc_a, disc_b):
+        m.to(device)
     betas = (cfg.beta1, 0.999)
     opt_g = torch.optim.Adam([*gen_ab.parameters(), *gen_ba.parameters()], cfg.lr, betas=betas)
     opt_d = torch.optim.Adam([*disc_a.parameters(), *disc_b.parameters()], cfg.lr, betas=betas)
@@ -160,7 +168,7 @@ def train_cyclegan(
 
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (opt_g, opt_d)]
     pool_a, pool_b = ImagePool(cfg.pool_size, rng), ImagePool(cfg.pool_size, rng)
-    ta, tb = to_unit(a), to_unit(b)
+    ta, tb = to_unit(a).to(device), to_unit(b).to(device)
     mse, l1 = nn.MSELoss(), nn.L1Loss()
     steps = max(len(ta), len(tb)) // cfg.batch_size or 1
     history: list[dict[str, float]] = []
@@ -173,7 +181,7 @@ def train_cyclegan(
         t0, sums = time.perf_counter(), {"g": 0.0, "cycle": 0.0, "d": 0.0}
         for step in range(steps):
             sl = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-            real_a, real_b = ta[ia[sl]], tb[ib[sl]]
+            real_a, real_b = ta[ia[sl].to(device)], tb[ib[sl].to(device)]
             # generators: fool both discriminators, close both cycles, keep identities
             fake_b, fake_a = gen_ab(real_a), gen_ba(real_b)
             pred_b, pred_a = disc_b(fake_b), disc_a(fake_a)
@@ -187,7 +195,7 @@ def train_cyclegan(
             loss_g.backward()
             opt_g.step()
             # discriminators, objective halved; fakes from the history pools
-            loss_d = torch.zeros(())
+            loss_d = torch.zeros((), device=device)
             for disc, real, fake, pool in (
                 (disc_b, real_b, fake_b, pool_b),
                 (disc_a, real_a, fake_a, pool_a),
@@ -212,7 +220,7 @@ def train_cyclegan(
         history.append(record)
         on_epoch(record)
     for m in (gen_ab, gen_ba, disc_a, disc_b):
-        m.eval()
+        m.eval().cpu()
     return CycleGANResult(
         gen_ab, gen_ba, disc_a, disc_b, history, time.perf_counter() - start, replace(cfg)
     )

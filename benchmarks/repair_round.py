@@ -1,0 +1,255 @@
+"""One post-deployment repair round per BadNet (issue 6; NNoculation Table 5's last stage).
+
+    python -m benchmarks.repair_round [--zoo var/zoo] [--attacks patch blend all-to-all filter]
+                                      [--preset small] [--epochs E]
+
+For each BadNet of the zoo (``python -m benchmarks.badnet_zoo``):
+1. Round 0: ``prepare`` with one candidate (alpha 2, gamma 0.3; the full grid is measured by
+   benchmarks/pre_deployment.py and would add minutes per attack without changing what
+   this measures).
+2. The quarantine: the Fashion-MNIST stream split with 10% triggered inputs, decided by the
+   gateway's own ensemble code (``decide_batch``, GoodNet policy); its first 200 distinct
+   disagreements go into the store, as the gateway's writer would put them.
+3. ``run_repair_round`` (the code the watcher runs), timed.
+4. CA and ASR on the held-out split of the BadNet, round 0 and round 1. The gateway answers
+   with the GoodNet's label whenever the two disagree, so its answers are the GoodNet's.
+Goal: ASR <= 3% and CA within 3 points of the BadNet after the round; <= 15 minutes a round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.results import RESULTS_DIR, provenance, publish
+from core.bundle import load_bundle
+from core.db import open_store, session_factory, transaction
+from core.quarantine import NewSample, active_round, add_samples
+from core.settings import Settings
+from gateway.ensemble import GoodNetPolicy, decide_batch
+from gateway.follower import load_pair
+from trainer.attacks.poison import attack_success_rates
+from trainer.cyclegan import PRESETS
+from trainer.data import Dataset, load_fashion_mnist
+from trainer.lab import attack_of
+from trainer.loop import accuracy, set_threads
+from trainer.prepare import PrepareConfig, prepare_round_zero
+from trainer.repair import RepairConfig, run_repair_round
+
+NAME = "repair_round"
+DEFAULT_ATTACKS = ["patch", "blend", "all-to-all", "filter"]
+ASR_MAX, CA_DROP_MAX, SECONDS_MAX = 0.03, 3.0, 900.0
+QUARANTINE = 200
+
+
+def _rates(bundle: Any, heldout: Dataset, zoo_dir: Path) -> tuple[float, float]:
+    attack = attack_of(zoo_dir)
+    assert attack is not None
+    rates = attack_success_rates(bundle.predict, heldout, attack)
+    asr = float(np.mean([rates[g.name] for g in attack.firing]))
+    return accuracy(bundle.model, heldout.x, heldout.y, bundle.manifest.input), asr
+
+
+def collect(pair: Any, stream: Dataset, zoo_dir: Path, seed: int = 0) -> dict[str, Any]:
+    """Stream with 10% triggered inputs through the ensemble; the first 200 disagreements."""
+    attack = attack_of(zoo_dir)
+    assert attack is not None
+    rng = np.random.default_rng(seed)
+    x = stream.x.copy()
+    poisoned = rng.random(len(x)) < 0.10
+    firing = attack.firing
+    for i in np.flatnonzero(poisoned):
+        x[i] = firing[i % len(firing)].apply(x[i : i + 1], rng)[0]
+    decisions = decide_batch(pair, x, GoodNetPolicy())
+    flagged = [i for i, d in enumerate(decisions) if d.suspect]
+    seen: set[bytes] = set()
+    chosen: list[int] = []
+    for i in flagged:
+        key = x[i].tobytes()
+        if key not in seen:
+            seen.add(key)
+            chosen.append(i)
+        if len(chosen) == QUARANTINE:
+            break
+    last = chosen[-1] if chosen else 0
+    return {
+        "images": x[chosen],
+        "decisions": [decisions[i] for i in chosen],
+        "requests_until_full": last + 1,
+        "precision": float(poisoned[chosen].mean()) if chosen else 0.0,
+        "recall": float(np.isin(np.flatnonzero(poisoned[: last + 1]), flagged).mean()),
+    }
+
+
+def one_attack(name: str, zoo: Path, data: dict[str, Dataset], cfg: RepairConfig) -> dict[str, Any]:
+    zoo_dir = zoo / name
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp)
+        sessions = session_factory(open_store(f"sqlite:///{store / 'q.db'}"))
+        prepare_round_zero(
+            suspect_dir=zoo_dir,
+            suspect=load_bundle(zoo_dir),
+            valid=data["valid"],
+            cfg=PrepareConfig(alphas=(2.0,), gammas=(0.3,), ca_drop=100.0),
+            sessions=sessions,
+            store=store,
+        )
+        with sessions() as s:
+            info = active_round(session=s)
+            assert info is not None
+            pair = load_pair(info)
+        q = collect(pair, data["stream"], zoo_dir)
+        with transaction(sessions) as s:
+            add_samples(
+                session=s,
+                samples=[
+                    NewSample.from_image(
+                        img,
+                        badnet_label=d.badnet_label,
+                        goodnet_label=d.goodnet_label,
+                        served_round=0,
+                        detector="disagreement",
+                    )
+                    for img, d in zip(q["images"], q["decisions"], strict=True)
+                ],
+            )
+        start = time.perf_counter()
+        outcome = run_repair_round(
+            sessions=sessions,
+            store=store,
+            round_no=1,
+            valid=data["valid"],
+            cfg=cfg,
+            progress=lambda m: print(m, flush=True),
+        )
+        seconds = time.perf_counter() - start
+        row: dict[str, Any] = {
+            "attack": name,
+            "quarantined": len(q["images"]),
+            "quarantine_precision": q["precision"],
+            "quarantine_recall": q["recall"],
+            "requests_until_full": q["requests_until_full"],
+            "status": outcome.status,
+            "round_seconds": seconds,
+            "cyclegan_seconds": outcome.metrics["cyclegan_seconds"],
+        }
+        for stage, bundle in (
+            ("badnet", load_bundle(zoo_dir)),
+            ("round0_goodnet", pair.goodnet),
+        ):
+            row[f"{stage}_ca"], row[f"{stage}_asr"] = _rates(bundle, data["heldout"], zoo_dir)
+        if outcome.path is not None:
+            for role in ("badnet", "goodnet"):
+                repaired = load_bundle(outcome.path / role)
+                row[f"round1_{role}_ca"], row[f"round1_{role}_asr"] = _rates(
+                    repaired, data["heldout"], zoo_dir
+                )
+            png = RESULTS_DIR / f"{NAME}_{name}_trigger.png"
+            shutil.copy(outcome.path / "trigger.png", png)
+            row["trigger_png"] = png.name
+        else:
+            row["gate"] = outcome.metrics["gate"]
+    print({k: v for k, v in row.items() if k != "trigger_png"}, flush=True)
+    return row
+
+
+def run(zoo: Path, attacks: list[str], cfg: RepairConfig) -> dict[str, Any]:
+    settings = Settings()
+    started = provenance()
+    threads = set_threads(settings.threads)
+    data = {
+        split: load_fashion_mnist(settings.fashion_mnist_dir, split)
+        for split in ("valid", "stream", "heldout")
+    }
+    rows = [one_attack(name, zoo, data, cfg) for name in attacks]
+    done = [r for r in rows if r["status"] == "succeeded"]
+    return {
+        "provenance": started,
+        "threads": threads,
+        "cyclegan": cfg.cyclegan.to_dict(),
+        "repair": {k: v for k, v in cfg.to_dict().items() if k != "cyclegan"},
+        "rows": rows,
+        "checks": {
+            "asr_at_most_3": bool(done)
+            and len(done) == len(rows)
+            and all(r["round1_goodnet_asr"] <= ASR_MAX for r in done),
+            "ca_within_3_points": bool(done)
+            and all(100 * (r["badnet_ca"] - r["round1_goodnet_ca"]) <= CA_DROP_MAX for r in done),
+            "round_at_most_15_min": all(r["round_seconds"] <= SECONDS_MAX for r in rows),
+        },
+    }
+
+
+def render(data: dict[str, Any]) -> str:
+    pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
+    g = data["cyclegan"]
+    lines = [
+        "## One repair round per BadNet (issue 6)",
+        "",
+        f"Round 0 from `prepare` (one candidate, alpha 2, gamma 0.3); the quarantine is the first {QUARANTINE} distinct "
+        "disagreements of the stream split with 10% triggered inputs, decided by the gateway's ensemble code; round 1 is "
+        f"`run_repair_round` (what the watcher runs) with the CycleGAN at ngf {g['ngf']}, ndf {g['ndf']}, {g['n_blocks']} "
+        f"residual blocks, {g['epochs']} epochs, batch {g['batch_size']}, and {data['repair']['epochs']} fine-tuning epochs. "
+        "CA and ASR on the 5,000-image held-out split. The gateway answers with the GoodNet's label whenever the models "
+        "disagree, so the GoodNet columns are the gateway's answers.",
+        "",
+        "| attack | BadNet CA / ASR % | round 0 GoodNet CA / ASR % | round 1 GoodNet CA / ASR % | round 1 BadNet CA / ASR % | "
+        "quarantine precision / recall % | requests to fill | round s (CycleGAN s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        r1g = (
+            f"{pct(r['round1_goodnet_ca'])} / {pct(r['round1_goodnet_asr'])}"
+            if r["status"] == "succeeded"
+            else f"rejected by the gate: {r.get('gate')}"
+        )
+        r1b = (
+            f"{pct(r['round1_badnet_ca'])} / {pct(r['round1_badnet_asr'])}"
+            if r["status"] == "succeeded"
+            else "-"
+        )
+        lines.append(
+            f"| {r['attack']} | {pct(r['badnet_ca'])} / {pct(r['badnet_asr'])} | "
+            f"{pct(r['round0_goodnet_ca'])} / {pct(r['round0_goodnet_asr'])} | {r1g} | {r1b} | "
+            f"{pct(r['quarantine_precision'])} / {pct(r['quarantine_recall'])} | {r['requests_until_full']} | "
+            f"{r['round_seconds']:.0f} ({r['cyclegan_seconds']:.0f}) |"
+        )
+    lines += [
+        "",
+        ", ".join(f"{k}: {'PASS' if ok else 'FAIL'}" for k, ok in data["checks"].items()),
+        "",
+        "Recovered triggers (clean, gen_ab(clean), quarantined examples; mean difference on the right):",
+        "",
+    ]
+    for r in data["rows"]:
+        if "trigger_png" in r:
+            lines.append(f"![{r['attack']} trigger](results/{r['trigger_png']})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--zoo", type=Path, default=Path("var/zoo"))
+    parser.add_argument("--attacks", nargs="+", default=DEFAULT_ATTACKS)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--epochs", type=int, default=None, help="CycleGAN epochs (preset's)")
+    args = parser.parse_args()
+    gan = PRESETS[args.preset]
+    if args.epochs:
+        gan = replace(gan, epochs=args.epochs)
+    data = run(args.zoo, args.attacks, RepairConfig(cyclegan=gan))
+    path = publish(NAME, data, render)
+    print(f"wrote {path} and docs/RESULTS.md; checks: {data['checks']}")
+
+
+if __name__ == "__main__":
+    main()
