@@ -15,6 +15,7 @@ import os
 import time
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ ZOO = Path("var/zoo")
 FM = Settings().fashion_mnist_dir
 ALPHAS = tuple(float(a) for a in os.environ.get("ALPHAS", "2 4 8").split())
 GAMMAS = tuple(float(g) for g in os.environ.get("GAMMAS", "0.2 0.4 0.6").split())
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "adam_cos": dict(optimizer="adam", lr=1e-3, epochs=10, schedule="cosine"),
     "sgd_cos": dict(optimizer="sgd", lr=1e-2, epochs=10, schedule="cosine"),
     "adam_const": dict(optimizer="adam", lr=1e-3, epochs=10, schedule="constant"),
@@ -64,6 +65,7 @@ def worker(task):
     suspect = load_bundle(ZOO / name)
     spec = suspect.manifest.input
     attack = attack_of(ZOO / name)
+    assert attack is not None, f"{name} records no attack"
     train, ho = split_validation(valid, hold, 0)
 
     def asr(model):
@@ -102,7 +104,7 @@ def worker(task):
                 distill=distill,
                 threads=1,
             )
-            cand, st = train_candidate(job)
+            cand, st, _ = train_candidate(job)
             model = goodnet_from(suspect, st)
             out["cands"].append(
                 (

@@ -46,7 +46,7 @@ from trainer.prepare import (
     run_sequential,
     start_local_ray,
 )
-from trainer.repair import RepairConfig, repair_config, run_repair_round
+from trainer.repair import RepairConfig, repair_config, run_claimed_round
 from trainer.report import grid_table
 from trainer.watcher import Watcher
 
@@ -536,15 +536,13 @@ def retrain_cmd(
         claimed = claim_round(session=session, owner=owner, lease=lease, round_no=round_no)
     if claimed is None:
         raise UserError("another round is running now (see 'trainer status'); try again after it")
-    outcome = run_repair_round(
-        sessions=sessions,
-        store=settings.store,
+    outcome = run_claimed_round(
+        settings,
+        sessions,
         round_no=round_no,
-        valid=data,
-        cfg=cfg,
-        trusted_modules=tuple(settings.trusted_arch_modules),
         owner=owner,
-        opened=True,
+        cfg=cfg,
+        valid=data,
         progress=lambda message: err_console.print(message, markup=False, highlight=False),
     )
     if outcome.status != "succeeded":

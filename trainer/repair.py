@@ -300,3 +300,27 @@ def run_repair_round(
             f"{len(ids)} samples, {metrics['seconds']:.0f}s"
         )
         return RepairOutcome(round_no, "succeeded", metrics, path)
+
+
+def run_claimed_round(
+    settings: Any,
+    sessions: sessionmaker[Session],
+    *,
+    round_no: int,
+    owner: str,
+    cfg: RepairConfig,
+    valid: Dataset,
+    progress: Progress,
+) -> RepairOutcome:
+    """A round ``owner`` has claimed in the store, with the store and trust of ``settings``."""
+    return run_repair_round(
+        sessions=sessions,
+        store=settings.store,
+        round_no=round_no,
+        valid=valid,
+        cfg=cfg,
+        trusted_modules=tuple(settings.trusted_arch_modules),
+        owner=owner,
+        opened=True,
+        progress=progress,
+    )

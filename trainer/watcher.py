@@ -42,7 +42,7 @@ def repair_task(
     """One claimed round, run to its end (runs as a Ray task; also callable in-process)."""
     from trainer.data import load_data
     from trainer.loop import set_threads
-    from trainer.repair import run_repair_round
+    from trainer.repair import run_claimed_round
 
     s = Settings(**settings)
     set_threads(s.threads)
@@ -52,15 +52,13 @@ def repair_task(
     except Exception as exc:
         mark_failed(sessions, round_no, f"{type(exc).__name__}: {exc}")
         raise
-    outcome = run_repair_round(
-        sessions=sessions,
-        store=s.store,
+    outcome = run_claimed_round(
+        s,
+        sessions,
         round_no=round_no,
-        valid=valid,
-        cfg=cfg,
-        trusted_modules=tuple(s.trusted_arch_modules),
         owner=owner,
-        opened=True,
+        cfg=cfg,
+        valid=valid,
         progress=lambda message: log.warning("%s", message),
     )
     return {"round": outcome.round, "status": outcome.status, "metrics": outcome.metrics}
