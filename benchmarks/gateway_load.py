@@ -99,7 +99,7 @@ def floor(bad_dir: Path, good_dir: Path, images: np.ndarray) -> dict[str, float]
     return {"images_per_s_batch32": rps32, "ms_per_image_batch1": 1000 * statistics.median(single)}
 
 
-def run(zoo: Path, requests: int) -> dict[str, Any]:
+def run(zoo: Path, requests: int, repeats: int) -> dict[str, Any]:
     started = provenance()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -120,6 +120,7 @@ def run(zoo: Path, requests: int) -> dict[str, Any]:
     result: dict[str, Any] = {
         "provenance": started,
         "requests": requests,
+        "repeats": repeats,
         "triggered_fraction": float(poisoned.mean()),
     }
     result["floor"] = floor(zoo / "patch", zoo / "clean", images)
@@ -143,23 +144,47 @@ def run(zoo: Path, requests: int) -> dict[str, Any]:
 
         with running_round(sessions, 0):
             publish_round(sessions=sessions, store=store, round_no=0, write=write, metrics={})
-        for label, single in (("single_model", True), ("gateway", False)):
-            args = GatewayArgs(db=db_url, store=str(store), single_model=single)
+        labels = ("single_model", "gateway")
+        handles, urls = {}, {}
+        for label in labels:
+            args = GatewayArgs(db=db_url, store=str(store), single_model=label == "single_model")
             serve.run(build_app(args), name=label, route_prefix=f"/{label}")
-            handle = serve.get_deployment_handle("Ensemble", app_name=label)
-            url = f"http://127.0.0.1:{port}/{label}"
-            asyncio.run(_load(url, bodies[:100], 8))  # warm-up
-            rows: dict[str, dict[str, Any]] = {}
+            handles[label] = serve.get_deployment_handle("Ensemble", app_name=label)
+            urls[label] = f"http://127.0.0.1:{port}/{label}"
+            asyncio.run(_load(urls[label], bodies[:100], 8))  # warm-up
+        # Interleaved and repeated: this machine's speed drifts, so each concurrency level
+        # alternates the two apps (the first one alternating too) and medians are reported.
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+            label: {str(c): [] for c in CONCURRENCY} for label in labels
+        }
+        for rep in range(repeats):
             for c in CONCURRENCY:
-                before = handle.info.remote().result()["batch_sizes"]
-                rows[str(c)] = asyncio.run(_load(url, bodies, c))
-                after = handle.info.remote().result()["batch_sizes"]
-                rows[str(c)]["batch"] = _batch_delta(
-                    {str(k): v for k, v in before.items()}, {str(k): v for k, v in after.items()}
-                )
-                print(label, c, rows[str(c)], flush=True)
-            result[label] = rows
-            handle.flush.remote().result()
+                for label in labels if rep % 2 == 0 else labels[::-1]:
+                    before = handles[label].info.remote().result()["batch_sizes"]
+                    row = asyncio.run(_load(urls[label], bodies, c))
+                    after = handles[label].info.remote().result()["batch_sizes"]
+                    row["batch"] = _batch_delta(
+                        {str(k): v for k, v in before.items()},
+                        {str(k): v for k, v in after.items()},
+                    )
+                    runs[label][str(c)].append(row)
+                    print(rep, label, c, row, flush=True)
+        for label in labels:
+            result[label] = {
+                c: {
+                    "rps": statistics.median(r["rps"] for r in rows),
+                    "p50_ms": statistics.median(r["p50_ms"] for r in rows),
+                    "p99_ms": statistics.median(r["p99_ms"] for r in rows),
+                    "errors": sum(r["errors"] for r in rows),
+                    "batch": {
+                        "mean": statistics.mean(r["batch"]["mean"] for r in rows),
+                        "max": max(r["batch"]["max"] for r in rows),
+                    },
+                    "runs": rows,
+                }
+                for c, rows in runs[label].items()
+            }
+            handles[label].flush.remote().result()
             serve.delete(label)
     serve.shutdown()
     ray.shutdown()
@@ -186,7 +211,8 @@ def render(data: dict[str, Any]) -> str:
         "## Gateway load (issue 5)",
         "",
         f"{data['requests']} PNG requests from the Fashion-MNIST stream split, {100 * data['triggered_fraction']:.0f}% "
-        "carrying the patch trigger, per concurrency level; the load generator runs on the same 2 cores. "
+        f"carrying the patch trigger, per concurrency level and app, repeated {data['repeats']} times with the two apps "
+        "interleaved; medians of req/s and latency, batch sizes over all runs. The load generator runs on the same 2 cores. "
         "Gateway = BadNet + GoodNet with quarantine writes; single = the GoodNet alone behind the same ingress.",
         "",
         "| clients | app | req/s | p50 ms | p99 ms | errors | mean batch | max batch |",
@@ -225,9 +251,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--zoo", type=Path, default=Path("var/zoo"))
-    parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    data = run(args.zoo, args.requests)
+    data = run(args.zoo, args.requests, args.repeats)
     path = publish(NAME, data, render)
     print(f"wrote {path} and docs/RESULTS.md; checks: {data['checks']}")
 

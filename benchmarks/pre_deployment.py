@@ -164,7 +164,7 @@ def render(data: dict[str, Any]) -> str:
         f"Each candidate's clean accuracy for the selection rule is cross-fitted over {c['folds']} folds "
         f"(trained without a fold, scored on it, pooled over all {data['valid_size']} images); "
         f"the chosen (alpha, gamma) is then {'retrained on all of them' if c['refit'] else 'kept as trained'}. "
-        f"Retraining: {c['schedule']} learning-rate schedule, distillation weight {c['distill']} on the clean copies, "
+        f"Retraining: {c['schedule']} learning-rate schedule, targets distilled (weight {c['distill']}) from the suspect's answers on the clean originals, "
         f"batch jitter {', '.join(c['augment']) or 'none'}. "
         "CA and ASR on the 5,000-image held-out test split; ASR is the mean over firing triggers.",
         "",
