@@ -16,13 +16,15 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+# Plain ALTER TABLE (SQLite has ADD and DROP COLUMN since 3.35): a batch "move and copy"
+# would drop repair_round, which model_version's foreign key forbids once rounds exist.
 def upgrade() -> None:
-    with op.batch_alter_table("repair_round") as batch:
-        batch.add_column(sa.Column("owner", sa.String(length=128), nullable=True))
-        batch.add_column(sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("repair_round", sa.Column("owner", sa.String(length=128), nullable=True))
+    op.add_column(
+        "repair_round", sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True)
+    )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("repair_round") as batch:
-        batch.drop_column("heartbeat_at")
-        batch.drop_column("owner")
+    op.drop_column("repair_round", "heartbeat_at")
+    op.drop_column("repair_round", "owner")
