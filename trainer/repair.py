@@ -31,7 +31,7 @@ import numpy as np
 from safetensors.torch import save_file
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.bundle import Bundle, load_bundle, save_bundle
+from core.bundle import Bundle, save_bundle
 from core.db import transaction
 from core.errors import DataError, UserError
 from core.quarantine import (
@@ -41,11 +41,12 @@ from core.quarantine import (
     mark_consumed,
     pending_samples,
 )
+from gateway.ensemble import ModelPair
+from gateway.follower import load_pair
 from trainer.cyclegan import PRESETS, CycleGANConfig, train_cyclegan, translate
 from trainer.data import Dataset
-from trainer.lab import check_labels
 from trainer.loop import FitConfig, accuracy, distilled_targets, fit
-from trainer.prepare import split_validation
+from trainer.prepare import check_validation, split_validation
 from trainer.rounds import ROLES, mark_failed, publish_round, running_round
 
 Progress = Callable[[str], None]
@@ -96,30 +97,24 @@ class RepairOutcome:
     path: Path | None  # the round directory, when it succeeded
 
 
-def _load_active(
-    sessions: sessionmaker[Session], trusted_modules: tuple[str, ...]
-) -> tuple[int, dict[str, Bundle]]:
+def _load_active(sessions: sessionmaker[Session], trusted_modules: tuple[str, ...]) -> ModelPair:
     with sessions() as session:
         info = active_round(session=session)
     if info is None:
         raise UserError("no round is active; run 'trainer prepare' to make round 0 first")
-    bundles = {}
-    for role in ROLES:
-        version = info.models[role]
-        bundle = load_bundle(Path(version.bundle_path), trusted_modules=trusted_modules)
-        if bundle.manifest.weights_sha256 != version.sha256:
-            raise DataError(f"round {info.round}'s {role} on disk is not the registered one")
-        bundles[role] = bundle
-    return info.round, bundles
+    return load_pair(info, trusted_modules=trusted_modules)  # sha256-checked, as replicas do
 
 
 def _quarantine(
     sessions: sessionmaker[Session], cfg: RepairConfig, shape: tuple[int, int, int]
 ) -> tuple[list[int], np.ndarray]:
     with sessions() as session:
-        rows = pending_samples(session=session, limit=cfg.max_samples)
-        ids = [r.id for r in rows if (r.height, r.width, r.channels) == shape]
-        images = [decode_sample(r) for r in rows if (r.height, r.width, r.channels) == shape]
+        rows = [
+            r
+            for r in pending_samples(session=session, limit=cfg.max_samples)
+            if (r.height, r.width, r.channels) == shape
+        ]
+        ids, images = [r.id for r in rows], [decode_sample(r) for r in rows]
     if len(images) < cfg.min_samples:
         raise UserError(
             f"{len(images)} quarantined samples of shape {shape} are pending; the round needs "
@@ -176,14 +171,10 @@ def run_repair_round(
     start = time.perf_counter()
     try:  # refuse bad input before the round exists (a claimed round is failed instead)
         cfg.validate()
-        base_round, bundles = _load_active(sessions, trusted_modules)
-        spec = bundles["goodnet"].manifest.input
-        if valid.image_shape != spec.shape:
-            raise DataError(
-                f"validation images are {'x'.join(map(str, valid.image_shape))}, "
-                f"the models expect {'x'.join(map(str, spec.shape))}"
-            )
-        check_labels(valid, bundles["goodnet"].manifest.num_classes)
+        pair = _load_active(sessions, trusted_modules)
+        base_round, bundles = pair.round, {"badnet": pair.badnet, "goodnet": pair.goodnet}
+        spec = pair.goodnet.manifest.input
+        check_validation(pair.goodnet, valid)
         ids, quarantined = _quarantine(sessions, cfg, spec.shape)
     except BaseException as exc:
         if opened:

@@ -47,11 +47,8 @@ def repair_task(
     s = Settings(**settings)
     set_threads(s.threads)
     sessions = session_factory(make_engine(s.db_url))
-    try:
-        valid = load_data(s.valid, fashion_mnist_dir=s.fashion_mnist_dir, default_split="valid")
-    except Exception as exc:
-        mark_failed(sessions, round_no, f"{type(exc).__name__}: {exc}")
-        raise
+    # a failure anywhere here fails the round in Watcher.poll_once, which claimed it
+    valid = load_data(s.valid, fashion_mnist_dir=s.fashion_mnist_dir, default_split="valid")
     outcome = run_claimed_round(
         s,
         sessions,
