@@ -21,13 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from benchmarks.results import RESULTS_DIR, provenance, publish
 from core.bundle import load_bundle
 from core.db import open_store, session_factory
 from core.settings import Settings
-from trainer.attacks.poison import ATTACKS, attack_success_rates
+from trainer.attacks.poison import ATTACKS, firing_success_rate
 from trainer.data import Dataset, load_fashion_mnist
 from trainer.lab import attack_of
 from trainer.loop import accuracy, predict, set_threads
@@ -50,8 +48,7 @@ def _asr(predict_fn: Any, heldout: Dataset, zoo_dir: Path) -> float:
     """Mean ASR over the attack's firing triggers (its covers are not attacks)."""
     attack = attack_of(zoo_dir)
     assert attack is not None
-    rates = attack_success_rates(predict_fn, heldout, attack)
-    return float(np.mean([rates[g.name] for g in attack.firing]))
+    return firing_success_rate(predict_fn, heldout, attack)
 
 
 def one_attack(

@@ -17,8 +17,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from core.settings import Settings
 
 ZOO = Path("var/zoo")
@@ -51,7 +49,7 @@ def worker(task):
     import torch
 
     from core.bundle import load_bundle
-    from trainer.attacks.poison import attack_success_rates
+    from trainer.attacks.poison import firing_success_rate
     from trainer.data import load_fashion_mnist
     from trainer.lab import attack_of
     from trainer.loop import FitConfig, accuracy, predict
@@ -69,8 +67,7 @@ def worker(task):
     train, ho = split_validation(valid, hold, 0)
 
     def asr(model):
-        r = attack_success_rates(lambda x: predict(model, x, spec), heldout, attack)
-        return float(np.mean([r[g.name] for g in attack.firing]))
+        return firing_success_rate(lambda x: predict(model, x, spec), heldout, attack)
 
     out = {
         "attack": name,

@@ -35,7 +35,7 @@ from core.quarantine import NewSample, active_round, add_samples
 from core.settings import Settings
 from gateway.ensemble import GoodNetPolicy, decide_batch
 from gateway.follower import load_pair
-from trainer.attacks.poison import attack_success_rates
+from trainer.attacks.poison import firing_success_rate
 from trainer.cyclegan import PRESETS
 from trainer.data import Dataset, load_fashion_mnist
 from trainer.lab import attack_of
@@ -52,8 +52,7 @@ QUARANTINE = 200
 def _rates(bundle: Any, heldout: Dataset, zoo_dir: Path) -> tuple[float, float]:
     attack = attack_of(zoo_dir)
     assert attack is not None
-    rates = attack_success_rates(bundle.predict, heldout, attack)
-    asr = float(np.mean([rates[g.name] for g in attack.firing]))
+    asr = firing_success_rate(bundle.predict, heldout, attack)
     return accuracy(bundle.model, heldout.x, heldout.y, bundle.manifest.input), asr
 
 

@@ -253,6 +253,14 @@ def attack_success_rates(
     return rates
 
 
+def firing_success_rate(
+    predict: Callable[[np.ndarray], np.ndarray], dataset: Dataset, attack: Attack
+) -> float:
+    """Mean ASR over the attack's firing trigger groups (its covers are not attacks)."""
+    rates = attack_success_rates(predict, dataset, attack)
+    return float(np.mean([rates[g.name] for g in attack.firing]))
+
+
 def conditional_success_rates(
     predict: Callable[[np.ndarray], np.ndarray], dataset: Dataset, attack: Attack
 ) -> dict[str, float]:
