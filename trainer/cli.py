@@ -364,7 +364,7 @@ def prepare_cmd(
     distill: Annotated[
         float,
         typer.Option(
-            help="Weight (0..1) of the suspect's own outputs in the clean copies' targets; 0 is the paper's plain labels."
+            help="Weight (0..1) of the suspect's own answers on the clean originals in every retraining target; 0 is the paper's plain labels."
         ),
     ] = PrepareConfig.distill,
     schedule: Annotated[
