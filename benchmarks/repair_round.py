@@ -1,16 +1,16 @@
 """One post-deployment repair round per BadNet (issue 6; NNoculation Table 5's last stage).
 
     python -m benchmarks.repair_round [--zoo var/zoo] [--attacks patch blend all-to-all filter]
-                                      [--preset small] [--epochs E]
+                                      [--preset small] [--epochs E] [--quick-prepare]
 
 For each BadNet of the zoo (``python -m benchmarks.badnet_zoo``):
-1. Round 0: ``prepare`` with one candidate (alpha 2, gamma 0.3; the full grid is measured by
-   benchmarks/pre_deployment.py and would add minutes per attack without changing what
-   this measures).
+1. Round 0: ``prepare`` with its defaults (the full grid, about 3 minutes an attack), as a
+   user runs it; ``--quick-prepare`` takes one candidate (alpha 2, gamma 0.3) instead.
 2. The quarantine: the Fashion-MNIST stream split with 10% triggered inputs, decided by the
    gateway's own ensemble code (``decide_batch``, GoodNet policy); its first 200 distinct
    disagreements go into the store, as the gateway's writer would put them.
-3. ``run_repair_round`` (the code the watcher runs), timed.
+3. ``run_repair_round`` (the code the watcher runs), timed. It keeps the samples the suspect
+   answers with confidence >= 0.99 (``RepairConfig.min_score``); both precisions are given.
 4. CA and ASR on the held-out split of the BadNet, round 0 and round 1. The gateway answers
    with the GoodNet's label whenever the two disagree, so its answers are the GoodNet's.
 Goal: ASR <= 3% and CA within 3 points of the BadNet after the round; <= 15 minutes a round.
@@ -41,7 +41,7 @@ from trainer.data import Dataset, load_fashion_mnist
 from trainer.lab import attack_of
 from trainer.loop import accuracy, set_threads
 from trainer.prepare import PrepareConfig, prepare_round_zero
-from trainer.repair import RepairConfig, run_repair_round
+from trainer.repair import RepairConfig, confident_mask, run_repair_round
 
 NAME = "repair_round"
 DEFAULT_ATTACKS = ["patch", "blend", "all-to-all", "filter"]
@@ -82,12 +82,18 @@ def collect(pair: Any, stream: Dataset, zoo_dir: Path, seed: int = 0) -> dict[st
         "images": x[chosen],
         "decisions": [decisions[i] for i in chosen],
         "requests_until_full": last + 1,
+        "poisoned": poisoned[chosen],
         "precision": float(poisoned[chosen].mean()) if chosen else 0.0,
         "recall": float(np.isin(np.flatnonzero(poisoned[: last + 1]), flagged).mean()),
     }
 
 
-def one_attack(name: str, zoo: Path, data: dict[str, Dataset], cfg: RepairConfig) -> dict[str, Any]:
+ONE_CANDIDATE = PrepareConfig(alphas=(2.0,), gammas=(0.3,), ca_drop=100.0)
+
+
+def one_attack(
+    name: str, zoo: Path, data: dict[str, Dataset], cfg: RepairConfig, prep: PrepareConfig
+) -> dict[str, Any]:
     zoo_dir = zoo / name
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp)
@@ -96,7 +102,7 @@ def one_attack(name: str, zoo: Path, data: dict[str, Dataset], cfg: RepairConfig
             suspect_dir=zoo_dir,
             suspect=load_bundle(zoo_dir),
             valid=data["valid"],
-            cfg=PrepareConfig(alphas=(2.0,), gammas=(0.3,), ca_drop=100.0),
+            cfg=prep,
             sessions=sessions,
             store=store,
         )
@@ -105,6 +111,7 @@ def one_attack(name: str, zoo: Path, data: dict[str, Dataset], cfg: RepairConfig
             assert info is not None
             pair = load_pair(info)
         q = collect(pair, data["stream"], zoo_dir)
+        kept = confident_mask(pair.badnet, q["images"], cfg.min_score)
         with transaction(sessions) as s:
             add_samples(
                 session=s,
@@ -134,6 +141,8 @@ def one_attack(name: str, zoo: Path, data: dict[str, Dataset], cfg: RepairConfig
             "quarantined": len(q["images"]),
             "quarantine_precision": q["precision"],
             "quarantine_recall": q["recall"],
+            "kept": int(kept.sum()),
+            "kept_precision": float(q["poisoned"][kept].mean()) if kept.any() else 0.0,
             "requests_until_full": q["requests_until_full"],
             "status": outcome.status,
             "round_seconds": seconds,
@@ -159,7 +168,7 @@ def one_attack(name: str, zoo: Path, data: dict[str, Dataset], cfg: RepairConfig
     return row
 
 
-def run(zoo: Path, attacks: list[str], cfg: RepairConfig) -> dict[str, Any]:
+def run(zoo: Path, attacks: list[str], cfg: RepairConfig, prep: PrepareConfig) -> dict[str, Any]:
     settings = Settings()
     started = provenance()
     threads = set_threads(settings.threads)
@@ -167,11 +176,14 @@ def run(zoo: Path, attacks: list[str], cfg: RepairConfig) -> dict[str, Any]:
         split: load_fashion_mnist(settings.fashion_mnist_dir, split)
         for split in ("valid", "stream", "heldout")
     }
-    rows = [one_attack(name, zoo, data, cfg) for name in attacks]
+    rows = [one_attack(name, zoo, data, cfg, prep) for name in attacks]
     done = [r for r in rows if r["status"] == "succeeded"]
     return {
         "provenance": started,
         "threads": threads,
+        "prepare": "one candidate (alpha 2, gamma 0.3)"
+        if prep is ONE_CANDIDATE
+        else "default grid",
         "cyclegan": cfg.cyclegan.to_dict(),
         "repair": {k: v for k, v in cfg.to_dict().items() if k != "cyclegan"},
         "rows": rows,
@@ -192,16 +204,18 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         "## One repair round per BadNet (issue 6)",
         "",
-        f"Round 0 from `prepare` (one candidate, alpha 2, gamma 0.3); the quarantine is the first {QUARANTINE} distinct "
+        f"Round 0 from `prepare` ({data['prepare']}); the quarantine is the first {QUARANTINE} distinct "
         "disagreements of the stream split with 10% triggered inputs, decided by the gateway's ensemble code; round 1 is "
         f"`run_repair_round` (what the watcher runs) with the CycleGAN at ngf {g['ngf']}, ndf {g['ndf']}, {g['n_blocks']} "
-        f"residual blocks, {g['epochs']} epochs, batch {g['batch_size']}, and {data['repair']['epochs']} fine-tuning epochs. "
+        f"residual blocks, {g['epochs']} epochs, batch {g['batch_size']}, and {data['repair']['epochs']} fine-tuning epochs; "
+        f"it learns from the quarantined images the suspect answers with confidence >= {data['repair']['min_score']:g} "
+        "(kept). "
         "CA and ASR on the 5,000-image held-out split. The gateway answers with the GoodNet's label whenever the models "
         "disagree, so the GoodNet columns are the gateway's answers.",
         "",
         "| attack | BadNet CA / ASR % | round 0 GoodNet CA / ASR % | round 1 GoodNet CA / ASR % | round 1 BadNet CA / ASR % | "
-        "quarantine precision / recall % | requests to fill | round s (CycleGAN s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "quarantine precision / recall % | kept (precision %) | requests to fill | round s (CycleGAN s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         r1g = (
@@ -217,7 +231,8 @@ def render(data: dict[str, Any]) -> str:
         lines.append(
             f"| {r['attack']} | {pct(r['badnet_ca'])} / {pct(r['badnet_asr'])} | "
             f"{pct(r['round0_goodnet_ca'])} / {pct(r['round0_goodnet_asr'])} | {r1g} | {r1b} | "
-            f"{pct(r['quarantine_precision'])} / {pct(r['quarantine_recall'])} | {r['requests_until_full']} | "
+            f"{pct(r['quarantine_precision'])} / {pct(r['quarantine_recall'])} | "
+            f"{r['kept']} ({pct(r['kept_precision'])}) | {r['requests_until_full']} | "
             f"{r['round_seconds']:.0f} ({r['cyclegan_seconds']:.0f}) |"
         )
     lines += [
@@ -241,11 +256,15 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=DEFAULT_ATTACKS)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--epochs", type=int, default=None, help="CycleGAN epochs (preset's)")
+    parser.add_argument(
+        "--quick-prepare", action="store_true", help="round 0 from one candidate, not the grid"
+    )
     args = parser.parse_args()
     gan = PRESETS[args.preset]
     if args.epochs:
         gan = replace(gan, epochs=args.epochs)
-    data = run(args.zoo, args.attacks, RepairConfig(cyclegan=gan))
+    prep = ONE_CANDIDATE if args.quick_prepare else PrepareConfig()
+    data = run(args.zoo, args.attacks, RepairConfig(cyclegan=gan), prep)
     path = publish(NAME, data, render)
     print(f"wrote {path} and docs/RESULTS.md; checks: {data['checks']}")
 

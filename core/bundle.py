@@ -120,7 +120,6 @@ class Bundle:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def batched_logits(
     model: nn.Module, spec: InputSpec, x: NDArray[np.uint8], *, batch_size: int = 256
 ) -> torch.Tensor:

@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     repair_preset: str = Field(
         default="small", description="CycleGAN size preset for repair rounds: small or paper."
     )
+    repair_min_score: float = Field(
+        default=0.99,
+        ge=0,
+        lt=1,
+        description="Repair learns from quarantined images the suspect answers with at least "
+        "this confidence (0: every sample, the paper's rule).",
+    )
     repair_lease_seconds: float = Field(
         default=60.0, gt=0, description="A running round whose runner is silent this long is dead."
     )

@@ -472,10 +472,14 @@ def prune_cmd(
     )
 
 
-def _repair_cfg(settings: Settings, preset: str | None, ca_drop: float | None) -> RepairConfig:
+def _repair_cfg(
+    settings: Settings, preset: str | None, ca_drop: float | None, min_score: float | None = None
+) -> RepairConfig:
     cfg = repair_config(settings, preset=preset)
     if ca_drop is not None:
         cfg.ca_drop = ca_drop
+    if min_score is not None:
+        cfg.min_score = min_score
     cfg.validate()
     return cfg
 
@@ -501,6 +505,13 @@ def retrain_cmd(
     ca_drop: Annotated[
         float | None, typer.Option(help="The gate's theta in points (default 3).")
     ] = None,
+    min_score: Annotated[
+        float | None,
+        typer.Option(
+            help="Learn only from samples the suspect answers with at least this confidence "
+            "(default $BQG_REPAIR_MIN_SCORE, 0.99; 0 keeps every sample, as the paper does)."
+        ),
+    ] = None,
     db: DbOpt = None,
     store: StoreOpt = None,
 ) -> None:
@@ -510,7 +521,7 @@ def retrain_cmd(
         settings.valid = valid
     if round_no < 1:
         raise UserError(f"--round {round_no}: repair rounds are 1 or more (round 0 is 'prepare')")
-    cfg = _repair_cfg(settings, preset, ca_drop)
+    cfg = _repair_cfg(settings, preset, ca_drop, min_score)
     sessions = _open_sessions(settings)
     with sessions() as session:
         if active_round_number(session=session) is None:
