@@ -22,6 +22,7 @@ import argparse
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from core.quarantine import NewSample, active_round, add_samples
 from core.settings import Settings
 from gateway.ensemble import GoodNetPolicy, decide_batch
 from gateway.follower import load_pair
-from trainer.attacks.poison import firing_success_rate
+from trainer.attacks.poison import TriggerGroup, firing_success_rate
 from trainer.cyclegan import PRESETS
 from trainer.data import Dataset, load_fashion_mnist
 from trainer.lab import attack_of
@@ -56,14 +57,16 @@ def _rates(bundle: Any, heldout: Dataset, zoo_dir: Path) -> tuple[float, float]:
     return accuracy(bundle.model, heldout.x, heldout.y, bundle.manifest.input), asr
 
 
-def collect(pair: Any, stream: Dataset, zoo_dir: Path, seed: int = 0) -> dict[str, Any]:
-    """Stream with 10% triggered inputs through the ensemble; the first 200 disagreements."""
-    attack = attack_of(zoo_dir)
-    assert attack is not None
+def collect(
+    pair: Any, stream: Dataset, firing: Sequence[TriggerGroup], seed: int = 0
+) -> dict[str, Any]:
+    """Stream with 10% triggered inputs (the ``firing`` groups in turn) through the ensemble.
+
+    The first 200 distinct disagreements, as the gateway's writer would store them.
+    """
     rng = np.random.default_rng(seed)
     x = stream.x.copy()
     poisoned = rng.random(len(x)) < 0.10
-    firing = attack.firing
     for i in np.flatnonzero(poisoned):
         x[i] = firing[i % len(firing)].apply(x[i : i + 1], rng)[0]
     decisions = decide_batch(pair, x, GoodNetPolicy())
@@ -88,6 +91,26 @@ def collect(pair: Any, stream: Dataset, zoo_dir: Path, seed: int = 0) -> dict[st
     }
 
 
+def store_quarantine(sessions: Any, q: dict[str, Any]) -> None:
+    """Put ``collect``'s disagreements into the store as the gateway's writer would."""
+    with transaction(sessions) as s:
+        add_samples(
+            session=s,
+            samples=[
+                NewSample.from_image(
+                    img,
+                    badnet_label=d.badnet_label,
+                    goodnet_label=d.goodnet_label,
+                    badnet_score=d.badnet_score,
+                    goodnet_score=d.goodnet_score,
+                    served_round=d.round,
+                    detector="disagreement",
+                )
+                for img, d in zip(q["images"], q["decisions"], strict=True)
+            ],
+        )
+
+
 ONE_CANDIDATE = PrepareConfig(alphas=(2.0,), gammas=(0.3,), ca_drop=100.0)
 
 
@@ -110,22 +133,11 @@ def one_attack(
             info = active_round(session=s)
             assert info is not None
             pair = load_pair(info)
-        q = collect(pair, data["stream"], zoo_dir)
+        attack = attack_of(zoo_dir)
+        assert attack is not None
+        q = collect(pair, data["stream"], attack.firing)
         kept = confident_mask(pair.badnet, q["images"], cfg.min_score)
-        with transaction(sessions) as s:
-            add_samples(
-                session=s,
-                samples=[
-                    NewSample.from_image(
-                        img,
-                        badnet_label=d.badnet_label,
-                        goodnet_label=d.goodnet_label,
-                        served_round=0,
-                        detector="disagreement",
-                    )
-                    for img, d in zip(q["images"], q["decisions"], strict=True)
-                ],
-            )
+        store_quarantine(sessions, q)
         start = time.perf_counter()
         outcome = run_repair_round(
             sessions=sessions,
