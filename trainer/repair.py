@@ -1,11 +1,12 @@
 """One post-deployment repair round K (NNoculation §3.3 and §4.2.2, 003_a065321fd23236f4.txt).
 
 1. Claim round K in the store and read the pending quarantined samples. Keep those on which
-   the active suspect member is confident (softmax >= ``min_score``, 0.99 by default). This
-   step is ours, not the paper's: a disagreement on a clean image is usually an ambiguous
-   image (a shirt or a T-shirt), on which the suspect is unsure, while a trigger makes it
-   certain. On the zoo's patch BadNet it lifts the quarantine's precision from 43% to 97%
-   (docs/RESULTS.md, "One repair round per BadNet"); ``min_score 0`` is the paper's rule.
+   the original suspect (round 0's badnet) is confident (softmax >= ``min_score``, 0.99 by
+   default). This step is ours, not the paper's: a disagreement on a clean image is usually
+   an ambiguous image (a shirt or a T-shirt), on which the suspect is unsure, while a
+   trigger makes it certain. On the zoo's BadNets it lifts the quarantine's precision from
+   39-55% to 96-98% (docs/RESULTS.md, "One repair round per BadNet"); ``min_score 0`` is
+   the paper's rule.
 2. Train a CycleGAN: domain A = up to 500 clean validation images, domain B = the
    quarantined images. ``gen_ab`` learns to add what the quarantine has in common: the
    attacker's trigger.
@@ -42,11 +43,13 @@ from core.bundle import Bundle, save_bundle
 from core.db import transaction
 from core.errors import DataError, UserError
 from core.quarantine import (
+    ActiveInfo,
     active_round,
     decode_sample,
     finish_round,
     mark_consumed,
     pending_samples,
+    round_models,
 )
 from gateway.ensemble import ModelPair
 from gateway.follower import load_pair
@@ -119,6 +122,24 @@ def _load_active(sessions: sessionmaker[Session], trusted_modules: tuple[str, ..
     if info is None:
         raise UserError("no round is active; run 'trainer prepare' to make round 0 first")
     return load_pair(info, trusted_modules=trusted_modules)  # sha256-checked, as replicas do
+
+
+def _load_suspect(
+    sessions: sessionmaker[Session], pair: ModelPair, trusted_modules: tuple[str, ...]
+) -> Bundle:
+    """The model as it was given to us: round 0's badnet (sha256-checked).
+
+    Repaired badnet members answer more softly (they were distilled), so the confidence
+    filter asks the original suspect, which a trigger still makes certain.
+    """
+    if pair.round == 0:
+        return pair.badnet
+    with sessions() as session:
+        models = {m.role: m for m in round_models(session=session, round_no=0)}
+    if "badnet" not in models:
+        return pair.badnet  # a store without round 0's files: the active member will do
+    info = ActiveInfo(0, datetime.now(UTC), "repair", models)
+    return load_pair(info, trusted_modules=trusted_modules).badnet
 
 
 def _quarantine(
@@ -220,7 +241,7 @@ def run_repair_round(
         spec = pair.goodnet.manifest.input
         check_validation(pair.goodnet, valid)
         ids, pending = _quarantine(sessions, cfg, spec.shape)
-        quarantined = confident(pair.badnet, pending, cfg)
+        quarantined = confident(_load_suspect(sessions, pair, trusted_modules), pending, cfg)
     except BaseException as exc:
         if opened:
             mark_failed(sessions, round_no, f"{type(exc).__name__}: {exc}")

@@ -25,7 +25,8 @@ from core.quarantine import (
 from tests.conftest import SHAPE, Lab, make_blobs, publish_pair
 from trainer.cyclegan import CycleGANConfig, train_cyclegan, translate
 from trainer.cyclegan.models import PatchDiscriminator, ResnetGenerator
-from trainer.repair import RepairConfig, run_repair_round
+from trainer.data import Dataset
+from trainer.repair import RepairConfig, confident_mask, run_repair_round
 
 TINY_GAN = CycleGANConfig(ngf=8, ndf=8, n_blocks=1, epochs=2, batch_size=16)
 TINY = RepairConfig(cyclegan=TINY_GAN, clean_images=64, epochs=1, ca_drop=100.0)
@@ -79,7 +80,7 @@ def _quarantine(sessions: sessionmaker[Session], lab: Lab, n: int) -> None:
         add_samples(session=s, samples=samples)
 
 
-def _valid() -> object:
+def _valid() -> Dataset:
     return make_blobs(200, shape=SHAPE, classes=4, seed=21)
 
 
@@ -91,7 +92,7 @@ def test_a_round_activates_consumes_and_writes_its_trigger(tmp_path: Path, lab: 
         sessions=sessions,
         store=tmp_path,
         round_no=1,
-        valid=_valid(),  # type: ignore[arg-type]
+        valid=_valid(),
         cfg=TINY,
         progress=messages.append,
     )
@@ -118,7 +119,7 @@ def test_a_failed_gate_rejects_the_round_and_keeps_the_samples(tmp_path: Path, l
         store=tmp_path,
         round_no=1,
         valid=_valid(),
-        cfg=broken,  # type: ignore[arg-type]
+        cfg=broken,
     )
     assert outcome.status == "rejected" and outcome.path is None
     with sessions() as s:
@@ -139,7 +140,7 @@ def test_a_crash_fails_the_round_and_the_next_one_can_run(
 
     monkeypatch.setattr("trainer.repair.train_cyclegan", boom)
     with pytest.raises(RuntimeError, match="out of memory"):
-        run_repair_round(sessions=sessions, store=tmp_path, round_no=1, valid=_valid(), cfg=TINY)  # type: ignore[arg-type]
+        run_repair_round(sessions=sessions, store=tmp_path, round_no=1, valid=_valid(), cfg=TINY)
     with sessions() as s:
         r1 = list_rounds(session=s)[1]
         assert r1.status == "failed" and "out of memory" in (r1.error or "")
@@ -151,7 +152,7 @@ def test_a_crash_fails_the_round_and_the_next_one_can_run(
         store=tmp_path,
         round_no=2,
         valid=_valid(),
-        cfg=TINY,  # type: ignore[arg-type]
+        cfg=TINY,
     )
     assert outcome.status == "succeeded"
 
@@ -164,7 +165,7 @@ def test_refusals_happen_before_a_round_exists(tmp_path: Path, lab: Lab) -> None
             sessions=sessions,
             store=tmp_path,
             round_no=1,
-            valid=_valid(),  # type: ignore[arg-type]
+            valid=_valid(),
             cfg=replace(TINY, min_samples=10),
         )
     wrong = make_blobs(50, shape=(32, 32, 3), classes=4)
@@ -174,7 +175,44 @@ def test_refusals_happen_before_a_round_exists(tmp_path: Path, lab: Lab) -> None
         assert [r.round for r in list_rounds(session=s)] == [0]
     empty = session_factory(open_store(f"sqlite:///{tmp_path / 'empty.db'}"))
     with pytest.raises(UserError, match="no round is active"):
-        run_repair_round(sessions=empty, store=tmp_path, round_no=1, valid=_valid(), cfg=TINY)  # type: ignore[arg-type]
+        run_repair_round(sessions=empty, store=tmp_path, round_no=1, valid=_valid(), cfg=TINY)
+
+
+def test_the_confidence_filter_keeps_what_the_original_suspect_is_sure_of(
+    tmp_path: Path, lab: Lab
+) -> None:
+    """Only quarantined images the round-0 BadNet answers with >= min_score reach the
+    CycleGAN; too few, and the round is refused with the samples left pending."""
+    sessions = _store(tmp_path, lab)
+    _quarantine(sessions, lab, 20)
+    suspect = load_bundle(lab.badnet)
+    scores = np.sort(suspect.logits(lab.triggered[:20]).softmax(1).max(1).values.numpy())
+    strict = float(scores[-1])  # only the most confident pass (float32 ties them near 1)
+    assert strict < 1.0
+    kept = confident_mask(suspect, lab.triggered[:20], strict)
+    assert 1 <= kept.sum() < 16 and not confident_mask(suspect, lab.triggered[:20], 1.0).any()
+    with pytest.raises(UserError, match=rf"only {kept.sum()} of 20 quarantined images .* needs 16"):
+        run_repair_round(
+            sessions=sessions,
+            store=tmp_path,
+            round_no=1,
+            valid=_valid(),
+            cfg=replace(TINY, min_score=strict),
+        )
+    with sessions() as s:
+        assert [r.round for r in list_rounds(session=s)] == [0]
+        assert pending_count(session=s) == 20
+    outcome = run_repair_round(
+        sessions=sessions,
+        store=tmp_path,
+        round_no=1,
+        valid=_valid(),
+        cfg=replace(TINY, min_score=strict, min_kept=1),
+    )
+    assert outcome.status == "succeeded"
+    assert outcome.metrics["samples"] == 20 and outcome.metrics["samples_kept"] == kept.sum()
+    with sessions() as s:
+        assert pending_count(session=s) == 0  # every sample the round read is consumed
 
 
 def test_the_database_lease_lets_one_claimer_in(tmp_path: Path, lab: Lab) -> None:
