@@ -85,9 +85,26 @@ def ray_session() -> Iterator[Any]:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    RAY_METRICS["port"] = free_port()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _metrics_export_port=RAY_METRICS["port"],
+        _system_config={"metrics_report_interval_ms": 1000},  # Prometheus tests wait less
+    )
     yield ray
     ray.shutdown()
+
+
+RAY_METRICS: dict[str, int] = {}
+
+
+@pytest.fixture(scope="session")
+def ray_metrics_port(ray_session: Any) -> int:
+    """Ray's metrics export port of the shared session (what Prometheus scrapes)."""
+    return RAY_METRICS["port"]
 
 
 # ---- a lab-made BadNet/GoodNet pair, published as rounds (the gateway and repair tests)

@@ -411,7 +411,10 @@ def refit_job(job: TrainJob, valid: Dataset) -> TrainJob:
 
 
 def start_local_ray(threads: int) -> bool:
-    """Start a local Ray for the grid; False when Ray cannot start here (then run in sequence)."""
+    """Start a local Ray (or join the cluster at ``$RAY_ADDRESS``, as on KubeRay).
+
+    False when Ray cannot start here: then the caller runs in sequence, in process.
+    """
     try:
         import ray
     except ImportError:
@@ -419,10 +422,12 @@ def start_local_ray(threads: int) -> bool:
     if ray.is_initialized():
         return True
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    common: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
     try:
-        ray.init(
-            num_cpus=threads, include_dashboard=False, log_to_driver=False, configure_logging=False
-        )
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(**common)  # the cluster's resources, not ours
+        else:
+            ray.init(num_cpus=threads, include_dashboard=False, **common)
     except Exception:
         return False
     return True
