@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +20,7 @@ import yaml
 
 from core.db import open_store, safe_url
 from core.errors import UserError
+from core.settings import Settings
 from gateway.config import GatewayArgs
 
 app = typer.Typer(
@@ -94,6 +97,46 @@ def serve_cmd(
     )  # reachable, and the embedded SQLite migrated, before anything starts
     host = host or http.get("host") or settings.http_host
     port = port or http.get("port") or settings.http_port
+    stop = threading.Event()
+    with local_gateway(args, settings, host, port, watch=watch, dashboard=dashboard):
+        typer.echo(f"gateway:  http://{host}:{port}  (OpenAPI at /docs, policy {settings.policy})")
+        typer.echo(f"metrics:  http://127.0.0.1:{settings.metrics_port}/metrics")
+        if watch:
+            port_w = settings.watcher_metrics_port
+            typer.echo(
+                f"watcher:  a repair round starts at {settings.quarantine_threshold} pending samples"
+                + (f"; metrics at http://127.0.0.1:{port_w}/metrics" if port_w else "")
+            )
+        typer.echo(f"database: {safe_url(settings.db_url)}")
+        typer.echo("Ctrl-C stops the gateway and Ray.")
+        wait_for_ctrl_c(stop)
+
+
+def wait_for_ctrl_c(stop: threading.Event) -> None:
+    """Block until Ctrl-C (SIGINT) or SIGTERM."""
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+
+
+@contextmanager
+def local_gateway(
+    args: GatewayArgs,
+    settings: Settings,
+    host: str,
+    port: int,
+    *,
+    watch: bool,
+    dashboard: bool = False,
+    watcher_cfg: Any = None,
+) -> Iterator[Any]:
+    """A local Ray with the gateway app (and the watcher actor); all shut down on exit.
+
+    Yields the watcher actor handle, or None without ``watch``.
+    """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     import ray
@@ -106,7 +149,6 @@ def serve_cmd(
         _metrics_export_port=settings.metrics_port,
         configure_logging=False,
     )
-    stop = threading.Event()
     watcher: Any = None
     try:
         serve.start(http_options={"host": host, "port": port})
@@ -114,25 +156,13 @@ def serve_cmd(
         if watch:
             from trainer.watcher import start_watcher_actor
 
-            watcher = start_watcher_actor(settings)
+            watcher = start_watcher_actor(settings, watcher_cfg)
             ray.get(watcher.status.remote())  # it is up (and its metrics port bound)
-        typer.echo(f"gateway:  http://{host}:{port}  (OpenAPI at /docs, policy {settings.policy})")
-        typer.echo(f"metrics:  http://127.0.0.1:{settings.metrics_port}/metrics")
-        if watch:
-            port_w = settings.watcher_metrics_port
-            typer.echo(
-                f"watcher:  a repair round starts at {settings.quarantine_threshold} pending samples"
-                + (f"; metrics at http://127.0.0.1:{port_w}/metrics" if port_w else "")
-            )
-        typer.echo(f"database: {safe_url(settings.db_url)}")
-        typer.echo("Ctrl-C stops the gateway and Ray.")
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        while not stop.wait(1.0):
-            pass
+        yield watcher
     except KeyboardInterrupt:
         pass
     finally:
-        typer.echo("shutting down")
+        typer.echo("shutting down", err=True)
         if watcher is not None:
             try:
                 ray.get(watcher.stop.remote(), timeout=30)
@@ -140,6 +170,123 @@ def serve_cmd(
                 typer.echo(f"watcher did not stop cleanly: {exc}", err=True)
         serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
+
+
+@app.command("demo")
+def demo_cmd(
+    badnet: Annotated[
+        Path, typer.Option(help="The suspect's bundle: the demo streams its own triggers.")
+    ],
+    store: Annotated[
+        Path, typer.Option(help="The store 'trainer prepare' made round 0 in.")
+    ] = Path("var/demo/store"),
+    poison: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of the stream carrying a trigger.")
+    ] = 0.1,
+    threshold: Annotated[
+        int | None, typer.Option(min=1, help="N: pending samples that start a round (200).")
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="CycleGAN size preset (small; tiny for tests).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (8000).")] = None,
+    clients: Annotated[int, typer.Option(min=1, max=64, help="Concurrent clients.")] = 4,
+    rate: Annotated[
+        float,
+        typer.Option(min=1.0, help="Requests per second (a quarter of it while a round trains)."),
+    ] = 40.0,
+    timeout: Annotated[
+        float, typer.Option(min=10.0, help="Give up when no round is active after this many s.")
+    ] = 900.0,
+    wait: Annotated[
+        bool, typer.Option(help="Keep serving after the table, until Ctrl-C (--no-wait exits).")
+    ] = True,
+) -> None:
+    """Serve round 0, stream an attack over HTTP, let the watcher repair and hot-swap, and
+    print CA/ASR before and after (the last step of 'make demo')."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from core.quarantine import active_round, list_rounds
+    from gateway.demo import attacker_stream, rates_by_stage, session_factory_for, stream_until_swap
+    from trainer.data import load_fashion_mnist
+    from trainer.repair import repair_config
+
+    env = Settings()
+    settings = env.model_copy(
+        update={
+            "store": store,
+            "quarantine_threshold": threshold or env.quarantine_threshold,
+            "repair_preset": preset or env.repair_preset,
+        }
+    )
+    if not (badnet / "bundle.json").exists():
+        raise UserError(f"{badnet} is not a model bundle (no bundle.json); run 'trainer fabricate'")
+    open_store(settings.db_url)
+    with session_factory_for(settings)() as session:
+        if active_round(session=session) is None:
+            raise UserError(f"no round is active in {store}; run 'trainer prepare' first")
+        if any(r.round > 0 for r in list_rounds(session=session)):
+            raise UserError(
+                f"{store} already has repair rounds; the demo starts from round 0 alone"
+            )
+    images, poisoned = attacker_stream(
+        load_fashion_mnist(settings.fashion_mnist_dir, "stream"), badnet, poison
+    )
+    heldout = load_fashion_mnist(settings.fashion_mnist_dir, "heldout")
+    cfg = repair_config(settings)
+    host, port = settings.http_host, port or settings.http_port
+    url = f"http://{host}:{port}"
+    console = Console(stderr=True)
+    with local_gateway(
+        GatewayArgs(store=str(store)), settings, host, port, watch=True, watcher_cfg=cfg
+    ):
+        console.print(
+            f"gateway at {url}, serving round 0. Streaming the attack: {100 * poison:g}% of "
+            f"the requests carry the BadNet's trigger; a repair round starts at "
+            f"{settings.quarantine_threshold} pending samples."
+        )
+        traffic = stream_until_swap(
+            url, images, poisoned, settings, clients=clients, rate=rate, timeout=timeout
+        )
+        rows = rates_by_stage(settings, badnet, heldout)
+        with session_factory_for(settings)() as session:
+            r1 = next(r for r in list_rounds(session=session) if r.round == 1)
+            seconds = float(r1.metrics.get("seconds", 0.0))
+        table = Table(title="CA and ASR on the held-out split (5,000 images)")
+        for name in ("stage", "CA %", "ASR %"):
+            table.add_column(name, justify="left" if name == "stage" else "right")
+        for row in rows:
+            table.add_row(row["stage"], f"{100 * row['ca']:.2f}", f"{100 * row['asr']:.2f}")
+        Console().print(table)
+        precision = traffic.suspect_triggered / max(traffic.suspect, 1)
+        recall = traffic.suspect_triggered / max(traffic.triggered, 1)
+        Console().print(
+            f"{traffic.swapped_after} requests until the gateway answered from round 1 "
+            f"({traffic.errors} errors); suspect answers that carried a trigger: "
+            f"{100 * precision:.1f}%; triggered requests answered as suspect: {100 * recall:.1f}%; "
+            f"round 1 took {seconds:.0f} s."
+        )
+        summary: dict[str, Any] = {
+            "rows": rows,
+            "traffic": {k: v for k, v in traffic.__dict__.items() if k != "lock"},
+        }
+        summary["round1_seconds"] = seconds
+        (store / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if wait:
+            Console().print(
+                f"\nThe gateway keeps serving at {url}, and the watcher keeps repairing as new "
+                f"samples arrive (Ctrl-C stops both, and Ray).\n"
+                f"  metrics:  http://127.0.0.1:{settings.metrics_port}/metrics\n"
+                f"  predict:  curl -s -H 'content-type: image/png' --data-binary @image.png {url}/predict\n"
+                f"  models:   curl -s {url}/v1/models\n"
+                f"  rounds:   trainer status --store {store}\n"
+                f"  by hand:  trainer retrain --round 2 --store {store} --force\n"
+                f"  rollback: trainer rollback --round 0 --store {store}"
+            )
+            wait_for_ctrl_c(threading.Event())
 
 
 @app.command("version")

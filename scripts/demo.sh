@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The demo at this stage: fabricate a patch BadNet on Fashion-MNIST, measure it, make its
-# GoodNet (NNoculation pre-deployment, round 0), and measure that on the same triggers.
+# make demo: the whole loop on one machine, on the embedded defaults (SQLite, local Ray).
+#   1. fabricate a patch BadNet on Fashion-MNIST (the attacker's model)
+#   2. pre-deployment: its GoodNet (round 0)
+#   3. serve both as the gateway, stream an attack over HTTP, let the watcher repair and
+#      hot-swap, print CA/ASR before and after, and keep serving until Ctrl-C.
+# Arguments go to `gateway demo` (make demo DEMO_ARGS=--no-wait exits after the table).
 set -euo pipefail
 out=${DEMO_DIR:-var/demo}
 rm -rf "$out"
 mkdir -p "$out"
 echo "== 1. fabricating a patch BadNet (target class 0, 10% poisoned) on the 60k training images"
 trainer fabricate --attack patch --target 0 --epochs 3 --out "$out/badnet"
-echo "== 2. the BadNet on the held-out test split, with the triggers it records"
-trainer evaluate --model "$out/badnet" --data fashion-mnist:heldout
-echo "== 3. pre-deployment: the GoodNet from 1,000 clean validation images (round 0)"
+echo "== 2. pre-deployment: the GoodNet from 1,000 clean validation images (round 0)"
 trainer prepare --model "$out/badnet" --valid fashion-mnist:valid --store "$out/store"
-echo "== 4. the GoodNet on the same held-out images and triggers"
-trainer evaluate --model "$out/store/rounds/0/goodnet" --data fashion-mnist:heldout --attack-from "$out/badnet"
+echo "== 3. the gateway under attack: quarantine, repair round 1, hot swap"
+exec gateway demo --badnet "$out/badnet" --store "$out/store" "$@"

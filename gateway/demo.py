@@ -1,0 +1,199 @@
+"""``gateway demo``: the whole NNoculation loop on one machine, as ``make demo`` runs it.
+
+After ``trainer prepare`` has made round 0 in a store, this:
+1. starts a local Ray with the gateway and the repair watcher (as ``gateway serve`` does);
+2. plays the attacker: streams the Fashion-MNIST ``stream`` split over HTTP, a fraction of
+   it stamped with the BadNet's own triggers, with a live status line (requests, suspect
+   answers, pending samples, round);
+3. waits until the watcher has run round 1 and the replicas answer from it;
+4. prints CA and ASR on the held-out split: the BadNet alone, the gateway at round 0 and
+   the gateway at round 1. The gateway's answers are computed with its own ensemble code
+   (``decide_batch``, the policy the replicas run) on the round's registered pair, so the
+   measurement does not feed the quarantine with held-out images;
+5. leaves the gateway serving, with its URLs and the commands to try, until Ctrl-C
+   (``--no-wait`` exits after the table, for scripts).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from numpy.typing import NDArray
+
+from core.db import session_factory
+from core.errors import UserError
+from core.images import encode_png
+from core.quarantine import active_round, list_rounds, pending_count
+from core.settings import Settings
+from gateway.ensemble import GoodNetPolicy, decide_batch
+from gateway.follower import load_pair
+
+STATUS_EVERY = 0.5
+
+
+@dataclass
+class Traffic:
+    """What the attacker's clients saw."""
+
+    sent: int = 0
+    triggered: int = 0
+    suspect: int = 0
+    suspect_triggered: int = 0
+    errors: int = 0
+    round_seen: int = 0
+    swapped_after: int | None = None  # requests sent when round 1 first answered
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def attacker_stream(
+    stream: Any, badnet_dir: Path, poison: float, seed: int = 0
+) -> tuple[NDArray[Any], NDArray[Any]]:
+    """The stream split with ``poison`` of it stamped with the BadNet's firing triggers."""
+    from trainer.lab import attack_of
+
+    attack = attack_of(badnet_dir)
+    if attack is None or not attack.firing:
+        raise UserError(
+            f"{badnet_dir} records no attack; the demo needs a BadNet from 'trainer fabricate'"
+        )
+    rng = np.random.default_rng(seed)
+    x = stream.x.copy()
+    poisoned = rng.random(len(x)) < poison
+    for i in np.flatnonzero(poisoned):
+        x[i] = attack.firing[i % len(attack.firing)].apply(x[i : i + 1], rng)[0]
+    return x, poisoned
+
+
+def stream_until_swap(
+    url: str,
+    images: NDArray[Any],
+    poisoned: NDArray[Any],
+    settings: Settings,
+    *,
+    clients: int,
+    rate: float,
+    timeout: float,
+    out: Any = sys.stderr,
+) -> Traffic:
+    """Send the stream over HTTP (looping) until the gateway answers from a new round."""
+    bodies = [encode_png(img) for img in images]
+    traffic = Traffic()
+    done = threading.Event()
+    sessions = session_factory_for(settings)
+    repairing = threading.Event()  # slow down while a round trains: it shares the CPUs
+
+    def client(k: int) -> None:
+        i = k
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not done.is_set():
+                started = time.monotonic()
+                j = i % len(bodies)
+                i += clients
+                try:
+                    r = c.post("/predict", content=bodies[j], headers={"content-type": "image/png"})
+                    answer = r.json() if r.status_code == 200 else None
+                except httpx.HTTPError:
+                    answer = None
+                with traffic.lock:
+                    traffic.sent += 1
+                    traffic.triggered += bool(poisoned[j])
+                    if answer is None:
+                        traffic.errors += 1
+                    else:
+                        traffic.suspect += bool(answer["suspect"])
+                        traffic.suspect_triggered += bool(answer["suspect"] and poisoned[j])
+                        if answer["round"] > traffic.round_seen:
+                            traffic.round_seen = answer["round"]
+                            traffic.swapped_after = traffic.sent
+                            done.set()
+                pace = (rate / 4 if repairing.is_set() else rate) / clients
+                time.sleep(max(0.0, 1 / pace - (time.monotonic() - started)))
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
+    for t in threads:
+        t.start()
+    start = time.monotonic()
+    try:
+        while not done.wait(STATUS_EVERY):
+            with sessions() as s:
+                pending = pending_count(session=s)
+                running = [r for r in list_rounds(session=s) if r.status == "running"]
+            if running:
+                repairing.set()
+            else:
+                repairing.clear()
+            elapsed = time.monotonic() - start
+            state = (
+                f"repair round {running[0].round} training"
+                if running
+                else f"pending {pending}/{settings.quarantine_threshold}"
+            )
+            with traffic.lock:
+                share = traffic.suspect / max(traffic.sent, 1)
+                line = (
+                    f"\r{elapsed:5.0f}s  requests {traffic.sent:6d}  suspect {traffic.suspect:5d} "
+                    f"({100 * share:4.1f}%)  {state}  serving round {traffic.round_seen}   "
+                )
+            out.write(line)
+            out.flush()
+            if elapsed > timeout:
+                raise UserError(
+                    f"no round was activated within {timeout:.0f} s; see 'trainer status' for why"
+                )
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=70)
+        out.write("\n")
+    return traffic
+
+
+def session_factory_for(settings: Settings) -> Any:
+    from core.db import make_engine
+
+    return session_factory(make_engine(settings.db_url))
+
+
+def rates_by_stage(settings: Settings, badnet_dir: Path, heldout: Any) -> list[dict[str, Any]]:
+    """CA and ASR: the BadNet alone, then the gateway's answers at each succeeded round."""
+    from trainer.lab import attack_of
+
+    attack = attack_of(badnet_dir)
+    assert attack is not None
+    sessions = session_factory_for(settings)
+    with sessions() as s:
+        rounds = [r.round for r in list_rounds(session=s) if r.status == "succeeded"]
+        info = active_round(session=s)
+    assert info is not None
+    rows = []
+    for round_no in rounds:
+        from core.quarantine import ActiveInfo, round_models
+
+        with sessions() as s:
+            models = {m.role: m for m in round_models(session=s, round_no=round_no)}
+        pair = load_pair(
+            ActiveInfo(round_no, info.activated_at, "demo", models),
+            trusted_modules=settings.trusted_arch_modules,
+        )
+
+        def answers(x: NDArray[Any], pair: Any = pair) -> NDArray[Any]:
+            return np.array([d.label for d in decide_batch(pair, x, GoodNetPolicy())])
+
+        if round_no == rounds[0]:
+            rows.append(_row("BadNet alone", pair.badnet.predict, heldout, attack))
+        rows.append(_row(f"gateway, round {round_no}", answers, heldout, attack))
+    return rows
+
+
+def _row(stage: str, predict: Any, heldout: Any, attack: Any) -> dict[str, Any]:
+    from trainer.attacks.poison import firing_success_rate
+
+    ca = float((predict(heldout.x) == heldout.y).mean())
+    return {"stage": stage, "ca": ca, "asr": firing_success_rate(predict, heldout, attack)}
