@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results import RESULTS_DIR, provenance, publish
+from benchmarks.results import RESULTS_DIR, checks_line, provenance, publish
 from core.bundle import load_bundle
 from core.db import open_store, session_factory
 from core.settings import Settings
@@ -177,7 +177,7 @@ def render(data: dict[str, Any]) -> str:
     lines += [
         "",
         f"Median GoodNet ASR {pct(statistics.median(asrs))}%, max {pct(max(asrs))}%. "
-        + ", ".join(f"{k}: {'PASS' if ok else 'FAIL'}" for k, ok in data["checks"].items()),
+        + checks_line(data["checks"]),
         "",
         f"Timing, default grid ({len(c['alphas']) * len(c['gammas'])} candidates) on the patch BadNet, same run: "
         f"sequential {t['sequential_s']:.0f} s, Ray-parallel {t['parallel_s']:.0f} s, speed-up {t['speedup']:.2f}x "

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.results import RESULTS_DIR, provenance, publish
+from benchmarks.results import RESULTS_DIR, checks_line, provenance, publish, trigger_images
 from core.bundle import load_bundle
 from core.db import open_store, session_factory, transaction
 from core.quarantine import NewSample, active_round, add_samples
@@ -249,14 +249,12 @@ def render(data: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        ", ".join(f"{k}: {'PASS' if ok else 'FAIL'}" for k, ok in data["checks"].items()),
+        checks_line(data["checks"]),
         "",
         "Recovered triggers (clean, gen_ab(clean), quarantined examples; mean difference on the right):",
         "",
     ]
-    for r in data["rows"]:
-        if "trigger_png" in r:
-            lines.append(f"![{r['attack']} trigger](results/{r['trigger_png']})")
+    lines += trigger_images(data["rows"], lambda r: f"{r['attack']} trigger")
     return "\n".join(lines)
 
 

@@ -101,3 +101,13 @@ def publish(name: str, data: dict[str, Any], render: Callable[[dict[str, Any]], 
     )
     RESULTS_MD.write_text(text)
     return path
+
+
+def checks_line(checks: dict[str, bool]) -> str:
+    """``name: PASS, name: FAIL`` for a benchmark's goals."""
+    return ", ".join(f"{k}: {'PASS' if ok else 'FAIL'}" for k, ok in checks.items())
+
+
+def trigger_images(rows: list[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> list[str]:
+    """Markdown images of the rows' recovered-trigger PNGs (those that have one)."""
+    return [f"![{label(r)}](results/{r['trigger_png']})" for r in rows if "trigger_png" in r]

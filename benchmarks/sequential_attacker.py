@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.repair_round import ASR_MAX, CA_DROP_MAX, collect, store_quarantine
-from benchmarks.results import RESULTS_DIR, provenance, publish
+from benchmarks.results import RESULTS_DIR, checks_line, provenance, publish, trigger_images
 from core.bundle import Bundle, load_bundle
 from core.db import open_store, session_factory
 from core.quarantine import active_round
@@ -182,12 +182,10 @@ def render(data: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        ", ".join(f"{k}: {'PASS' if ok else 'FAIL'}" for k, ok in data["checks"].items()),
+        checks_line(data["checks"]),
         "",
     ]
-    for r in data["rounds"]:
-        if "trigger_png" in r:
-            lines.append(f"![round {r['round']} trigger](results/{r['trigger_png']})")
+    lines += trigger_images(data["rounds"], lambda r: f"round {r['round']} trigger")
     return "\n".join(lines)
 
 
