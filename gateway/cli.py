@@ -132,10 +132,12 @@ def local_gateway(
     watch: bool,
     dashboard: bool = False,
     watcher_cfg: Any = None,
+    quiet: bool = False,
 ) -> Iterator[Any]:
     """A local Ray with the gateway app (and the watcher actor); all shut down on exit.
 
-    Yields the watcher actor handle, or None without ``watch``.
+    Yields the watcher actor handle, or None without ``watch``. ``quiet`` keeps the
+    replicas' logs (and Serve's access log) in Ray's log files, off the terminal.
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -148,11 +150,13 @@ def local_gateway(
         include_dashboard=dashboard,
         _metrics_export_port=settings.metrics_port,
         configure_logging=False,
+        log_to_driver=not quiet,
     )
     watcher: Any = None
+    logging_config = {"enable_access_log": False, "log_level": "WARNING"} if quiet else None
     try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(args), name="gateway", route_prefix="/")
+        serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
+        serve.run(build_app(args), name="gateway", route_prefix="/", logging_config=logging_config)
         if watch:
             from trainer.watcher import start_watcher_actor
 
@@ -241,7 +245,7 @@ def demo_cmd(
     url = f"http://{host}:{port}"
     console = Console(stderr=True)
     with local_gateway(
-        GatewayArgs(store=str(store)), settings, host, port, watch=True, watcher_cfg=cfg
+        GatewayArgs(store=str(store)), settings, host, port, watch=True, watcher_cfg=cfg, quiet=True
     ):
         console.print(
             f"gateway at {url}, serving round 0. Streaming the attack: {100 * poison:g}% of "
