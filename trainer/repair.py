@@ -75,6 +75,7 @@ class RepairConfig:
     batch_size: int = 64
     distill: float = 1.0
     teacher: str = "suspect"  # distill from the suspect member on clean images, or "self"
+    split_by_label: bool = True  # one CycleGAN per target label with >= min_kept images
     ca_drop: float = 3.0  # the gate's theta, in points
     gate_fraction: float = 0.2  # validation data held out for the gate
     seed: int = 0
@@ -182,6 +183,26 @@ def confident(suspect: Bundle, images: np.ndarray, cfg: RepairConfig) -> np.ndar
     return kept
 
 
+def trigger_groups(
+    suspect: Bundle, images: np.ndarray, cfg: RepairConfig
+) -> list[tuple[int | None, np.ndarray]]:
+    """Domain B per trigger: the kept images grouped by the suspect's label on them.
+
+    A BadNet with several targets sends each trigger's inputs to its own label, and one
+    CycleGAN on the mix learns only the dominant trigger (docs/RESULTS.md, "The sequential
+    attacker"). Each label with at least ``min_kept`` images gets a CycleGAN of its own.
+    With fewer than two such labels (one target, or all-to-all's spread over every label),
+    one CycleGAN learns from every kept image, as in the paper.
+    """
+    if not cfg.split_by_label:
+        return [(None, images)]
+    labels = suspect.predict(images)
+    big = [int(k) for k in np.unique(labels) if (labels == k).sum() >= cfg.min_kept]
+    if len(big) < 2:
+        return [(None, images)]
+    return [(k, images[labels == k]) for k in big]
+
+
 def finetune(
     bundle: Bundle, clean: Dataset, treated: np.ndarray, cfg: RepairConfig, teacher: Bundle
 ) -> tuple[Any, float]:
@@ -241,7 +262,8 @@ def run_repair_round(
         spec = pair.goodnet.manifest.input
         check_validation(pair.goodnet, valid)
         ids, pending = _quarantine(sessions, cfg, spec.shape)
-        quarantined = confident(_load_suspect(sessions, pair, trusted_modules), pending, cfg)
+        suspect = _load_suspect(sessions, pair, trusted_modules)
+        quarantined = confident(suspect, pending, cfg)
     except BaseException as exc:
         if opened:
             mark_failed(sessions, round_no, f"{type(exc).__name__}: {exc}")
@@ -251,20 +273,29 @@ def run_repair_round(
         rng = np.random.default_rng(cfg.seed)
         domain_a = train.x[rng.permutation(len(train))[: cfg.clean_images]]
         progress(
-            f"round {round_no}: CycleGAN on {len(domain_a)} clean and {len(quarantined)} "
-            f"quarantined images ({len(pending) - len(quarantined)} of {len(pending)} left out: "
-            f"suspect confidence < {cfg.min_score:g}), {cfg.cyclegan.epochs} epochs"
+            f"round {round_no}: {len(quarantined)} of {len(pending)} quarantined images kept "
+            f"(suspect confidence >= {cfg.min_score:g})"
         )
-        gan = train_cyclegan(
-            domain_a,
-            quarantined,
-            cfg.cyclegan,
-            on_epoch=lambda r: progress(
-                f"round {round_no}: CycleGAN epoch {r['epoch']}/{cfg.cyclegan.epochs} "
-                f"(cycle loss {r['loss_cycle']:.3f}, {r['seconds']:.0f}s)"
-            ),
-        )
-        treated = translate(gan.gen_ab, train.x)
+        groups = trigger_groups(suspect, quarantined, cfg)
+        parts = np.array_split(rng.permutation(len(train)), len(groups))
+        treated = train.x.copy()
+        gans = []
+        for (label, images), part in zip(groups, parts, strict=True):
+            name = "" if label is None else f" (suspect label {label})"
+            progress(
+                f"round {round_no}: CycleGAN{name} on {len(domain_a)} clean and {len(images)} "
+                f"quarantined images, {cfg.cyclegan.epochs} epochs"
+            )
+
+            def on_epoch(r: dict[str, Any], name: str = name) -> None:
+                progress(
+                    f"round {round_no}: CycleGAN{name} epoch {r['epoch']}/{cfg.cyclegan.epochs} "
+                    f"(cycle loss {r['loss_cycle']:.3f}, {r['seconds']:.0f}s)"
+                )
+
+            gan = train_cyclegan(domain_a, images, cfg.cyclegan, on_epoch=on_epoch)
+            treated[part] = translate(gan.gen_ab, train.x[part])
+            gans.append((label, images, gan))
         models, gate_metrics, tune_seconds = {}, {}, 0.0
         for role in ROLES:
             progress(f"round {round_no}: fine-tuning the {role} on {2 * len(train)} images")
@@ -285,9 +316,10 @@ def run_repair_round(
             "gate": gate_metrics,
             "gate_passed": passed,
             "clean_accuracy_goodnet": gate_metrics["goodnet"]["after"],
-            "cyclegan": gan.config.to_dict(),
-            "cyclegan_seconds": gan.seconds,
-            "cyclegan_final_losses": gan.history[-1],
+            "cyclegan": cfg.cyclegan.to_dict(),
+            "cyclegan_seconds": sum(g.seconds for _, _, g in gans),
+            "cyclegan_final_losses": [g.history[-1] for _, _, g in gans],
+            "trigger_groups": [{"suspect_label": k, "images": len(x)} for k, x, _ in gans],
             "finetune_seconds": tune_seconds,
             "trigger_l1": float(np.abs(treated.astype(float) - train.x).mean()),
             "config": {k: v for k, v in cfg.to_dict().items() if k != "cyclegan"},
@@ -333,14 +365,16 @@ def run_repair_round(
                         "metrics": {"clean_accuracy_gate": gate_metrics[role]["after"]},
                     },
                 )
-            save_file(
-                {k: v.contiguous() for k, v in gan.gen_ab.state_dict().items()},
-                str(out / "gen_ab.safetensors"),
-            )
             sample = gate.x[:8]
-            trigger_figure(
-                sample, translate(gan.gen_ab, sample), quarantined[:8], out / "trigger.png"
-            )
+            for i, (label, images, gan) in enumerate(gans):
+                suffix = "" if i == 0 else f"_label{label}"
+                save_file(
+                    {k: v.contiguous() for k, v in gan.gen_ab.state_dict().items()},
+                    str(out / f"gen_ab{suffix}.safetensors"),
+                )
+                trigger_figure(
+                    sample, translate(gan.gen_ab, sample), images[:8], out / f"trigger{suffix}.png"
+                )
             (out / "report.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
         metrics["seconds"] = time.perf_counter() - start

@@ -22,11 +22,11 @@ from core.quarantine import (
     list_rounds,
     pending_count,
 )
-from tests.conftest import SHAPE, Lab, make_blobs, publish_pair
+from tests.conftest import SHAPE, TARGET, Lab, make_blobs, publish_pair
 from trainer.cyclegan import CycleGANConfig, train_cyclegan, translate
 from trainer.cyclegan.models import PatchDiscriminator, ResnetGenerator
 from trainer.data import Dataset
-from trainer.repair import RepairConfig, confident_mask, run_repair_round
+from trainer.repair import RepairConfig, confident_mask, run_repair_round, trigger_groups
 
 TINY_GAN = CycleGANConfig(ngf=8, ndf=8, n_blocks=1, epochs=2, batch_size=16)
 TINY = RepairConfig(cyclegan=TINY_GAN, clean_images=64, epochs=1, ca_drop=100.0)
@@ -213,6 +213,48 @@ def test_the_confidence_filter_keeps_what_the_original_suspect_is_sure_of(
     assert outcome.metrics["samples"] == 20 and outcome.metrics["samples_kept"] == kept.sum()
     with sessions() as s:
         assert pending_count(session=s) == 0  # every sample the round read is consumed
+
+
+def test_a_quarantine_with_two_targets_gets_a_cyclegan_per_target(tmp_path: Path, lab: Lab) -> None:
+    """Triggered images (the suspect says TARGET) and images it gives another label make
+    two groups of domain B; one label alone, or groups below min_kept, make one."""
+    suspect = load_bundle(lab.badnet)
+    labels = suspect.predict(lab.clean)
+    other = int(np.bincount(labels[labels != TARGET]).argmax())
+    n = min(12, int((labels == other).sum()), len(lab.triggered))
+    assert n >= 4
+    mix = np.concatenate([lab.triggered[:n], lab.clean[labels == other][:n]])
+    cfg = replace(TINY, min_score=0.0, min_kept=n)
+    groups = trigger_groups(suspect, mix, cfg)
+    assert [k for k, _ in groups] == sorted([TARGET, other])
+    assert all(len(x) == n for _, x in groups)
+    assert [k for k, _ in trigger_groups(suspect, mix, replace(cfg, min_kept=n + 1))] == [None]
+    assert [k for k, _ in trigger_groups(suspect, lab.triggered[:n], cfg)] == [None]
+    assert [k for k, _ in trigger_groups(suspect, mix, replace(cfg, split_by_label=False))] == [
+        None
+    ]
+    # and a round on that quarantine trains both, writing each recovered trigger
+    sessions = _store(tmp_path, lab)
+    with transaction(sessions) as s:
+        add_samples(
+            session=s,
+            samples=[
+                NewSample.from_image(
+                    img, badnet_label=1, goodnet_label=0, served_round=0, detector="disagreement"
+                )
+                for img in mix
+            ],
+        )
+    outcome = run_repair_round(
+        sessions=sessions, store=tmp_path, round_no=1, valid=_valid(), cfg=cfg
+    )
+    assert outcome.status == "succeeded" and outcome.path is not None
+    assert sorted(g["suspect_label"] for g in outcome.metrics["trigger_groups"]) == sorted(
+        [TARGET, other]
+    )
+    second = max(TARGET, other)  # groups come in label order; the first one is trigger.png
+    for name in ("trigger.png", f"trigger_label{second}.png", f"gen_ab_label{second}.safetensors"):
+        assert (outcome.path / name).exists(), name
 
 
 def test_the_database_lease_lets_one_claimer_in(tmp_path: Path, lab: Lab) -> None:
