@@ -9,7 +9,9 @@
    the paper's rule.
 2. Train a CycleGAN: domain A = up to 500 clean validation images, domain B = the
    quarantined images. ``gen_ab`` learns to add what the quarantine has in common: the
-   attacker's trigger.
+   attacker's trigger. When the kept images fall on two or more of the suspect's labels
+   with at least ``min_kept`` each (several triggers with several targets), each label gets
+   a CycleGAN of its own, and each translates its share of the validation images.
 3. Treatment set: gen_ab(validation images), with the validation labels.
 4. Fine-tune both models of the active round on the treatment set plus the clean images.
    Targets mix the label with the suspect member's answer on the *clean* original
