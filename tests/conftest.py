@@ -212,3 +212,20 @@ def serve_http(ray_session: Any) -> Iterator[str]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
+
+
+def quarantine_images(sessions: sessionmaker[Session], images: np.ndarray) -> None:
+    """Put ``images`` into the store as pending disagreements (BadNet 1, GoodNet 0)."""
+    from core.db import transaction
+    from core.quarantine import NewSample, add_samples
+
+    with transaction(sessions) as s:
+        add_samples(
+            session=s,
+            samples=[
+                NewSample.from_image(
+                    img, badnet_label=1, goodnet_label=0, served_round=0, detector="disagreement"
+                )
+                for img in images
+            ],
+        )

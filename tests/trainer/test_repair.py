@@ -22,7 +22,7 @@ from core.quarantine import (
     list_rounds,
     pending_count,
 )
-from tests.conftest import SHAPE, TARGET, Lab, make_blobs, publish_pair
+from tests.conftest import SHAPE, TARGET, Lab, make_blobs, publish_pair, quarantine_images
 from trainer.cyclegan import CycleGANConfig, train_cyclegan, translate
 from trainer.cyclegan.models import PatchDiscriminator, ResnetGenerator
 from trainer.data import Dataset
@@ -235,16 +235,7 @@ def test_a_quarantine_with_two_targets_gets_a_cyclegan_per_target(tmp_path: Path
     ]
     # and a round on that quarantine trains both, writing each recovered trigger
     sessions = _store(tmp_path, lab)
-    with transaction(sessions) as s:
-        add_samples(
-            session=s,
-            samples=[
-                NewSample.from_image(
-                    img, badnet_label=1, goodnet_label=0, served_round=0, detector="disagreement"
-                )
-                for img in mix
-            ],
-        )
+    quarantine_images(sessions, mix)
     outcome = run_repair_round(
         sessions=sessions, store=tmp_path, round_no=1, valid=_valid(), cfg=cfg
     )

@@ -13,10 +13,18 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import open_store, session_factory, transaction
-from core.quarantine import NewSample, active_round, add_samples, list_rounds, pending_count
+from core.quarantine import active_round, list_rounds, pending_count
 from core.settings import Settings
 from gateway.metrics import PENDING, WATCHER_EXPORTED
-from tests.conftest import SHAPE, Lab, free_port, make_blobs, publish_pair, run_cli
+from tests.conftest import (
+    SHAPE,
+    Lab,
+    free_port,
+    make_blobs,
+    publish_pair,
+    quarantine_images,
+    run_cli,
+)
 from trainer.cyclegan import CycleGANConfig
 from trainer.data import save_npz
 from trainer.repair import RepairConfig
@@ -36,16 +44,7 @@ def _setup(
     url = f"sqlite:///{tmp_path / 'q.db'}"
     sessions = session_factory(open_store(url))
     publish_pair(sessions, tmp_path, 0, lab.badnet, lab.goodnet, activate=True)
-    with transaction(sessions) as s:
-        add_samples(
-            session=s,
-            samples=[
-                NewSample.from_image(
-                    img, badnet_label=1, goodnet_label=0, served_round=0, detector="disagreement"
-                )
-                for img in lab.triggered[:samples]
-            ],
-        )
+    quarantine_images(sessions, lab.triggered[:samples])
     save_npz(make_blobs(200, shape=SHAPE, classes=4, seed=21), tmp_path / "valid.npz")
     defaults: dict[str, Any] = {
         "store": tmp_path,
