@@ -36,7 +36,7 @@ from core.quarantine import NewSample, active_round, add_samples
 from core.settings import Settings
 from gateway.ensemble import GoodNetPolicy, decide_batch
 from gateway.follower import load_pair
-from trainer.attacks.poison import TriggerGroup, firing_success_rate
+from trainer.attacks.poison import TriggerGroup, attacker_stream, firing_success_rate
 from trainer.cyclegan import PRESETS
 from trainer.data import Dataset, load_fashion_mnist
 from trainer.lab import attack_of
@@ -64,11 +64,7 @@ def collect(
 
     The first 200 distinct disagreements, as the gateway's writer would store them.
     """
-    rng = np.random.default_rng(seed)
-    x = stream.x.copy()
-    poisoned = rng.random(len(x)) < 0.10
-    for i in np.flatnonzero(poisoned):
-        x[i] = firing[i % len(firing)].apply(x[i : i + 1], rng)[0]
+    x, poisoned = attacker_stream(stream.x, firing, 0.10, seed)
     decisions = decide_batch(pair, x, GoodNetPolicy())
     flagged = [i for i, d in enumerate(decisions) if d.suspect]
     seen: set[bytes] = set()

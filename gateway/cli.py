@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from core.db import open_store, safe_url
+from core.db import open_store, safe_url, session_factory
 from core.errors import UserError
 from core.settings import Settings
 from gateway.config import GatewayArgs
@@ -97,7 +97,6 @@ def serve_cmd(
     )  # reachable, and the embedded SQLite migrated, before anything starts
     host = host or http.get("host") or settings.http_host
     port = port or http.get("port") or settings.http_port
-    stop = threading.Event()
     with local_gateway(args, settings, host, port, watch=watch, dashboard=dashboard):
         typer.echo(f"gateway:  http://{host}:{port}  (OpenAPI at /docs, policy {settings.policy})")
         typer.echo(f"metrics:  http://127.0.0.1:{settings.metrics_port}/metrics")
@@ -109,11 +108,12 @@ def serve_cmd(
             )
         typer.echo(f"database: {safe_url(settings.db_url)}")
         typer.echo("Ctrl-C stops the gateway and Ray.")
-        wait_for_ctrl_c(stop)
+        wait_for_ctrl_c()
 
 
-def wait_for_ctrl_c(stop: threading.Event) -> None:
+def wait_for_ctrl_c() -> None:
     """Block until Ctrl-C (SIGINT) or SIGTERM."""
+    stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         while not stop.wait(1.0):
@@ -214,7 +214,7 @@ def demo_cmd(
     from rich.table import Table
 
     from core.quarantine import active_round, list_rounds
-    from gateway.demo import attacker_stream, rates_by_stage, session_factory_for, stream_until_swap
+    from gateway.demo import attacker_stream, rates_by_stage, stream_until_swap
     from trainer.data import load_fashion_mnist
     from trainer.repair import repair_config
 
@@ -228,8 +228,8 @@ def demo_cmd(
     )
     if not (badnet / "bundle.json").exists():
         raise UserError(f"{badnet} is not a model bundle (no bundle.json); run 'trainer fabricate'")
-    open_store(settings.db_url)
-    with session_factory_for(settings)() as session:
+    sessions = session_factory(open_store(settings.db_url))
+    with sessions() as session:
         if active_round(session=session) is None:
             raise UserError(f"no round is active in {store}; run 'trainer prepare' first")
         if any(r.round > 0 for r in list_rounds(session=session)):
@@ -243,20 +243,27 @@ def demo_cmd(
     cfg = repair_config(settings)
     host, port = settings.http_host, port or settings.http_port
     url = f"http://{host}:{port}"
-    console = Console(stderr=True)
+    out, err = Console(), Console(stderr=True)
     with local_gateway(
         GatewayArgs(store=str(store)), settings, host, port, watch=True, watcher_cfg=cfg, quiet=True
     ):
-        console.print(
+        err.print(
             f"gateway at {url}, serving round 0. Streaming the attack: {100 * poison:g}% of "
             f"the requests carry the BadNet's trigger; a repair round starts at "
             f"{settings.quarantine_threshold} pending samples."
         )
         traffic = stream_until_swap(
-            url, images, poisoned, settings, clients=clients, rate=rate, timeout=timeout
+            url,
+            images,
+            poisoned,
+            sessions,
+            threshold=settings.quarantine_threshold,
+            clients=clients,
+            rate=rate,
+            timeout=timeout,
         )
-        rows = rates_by_stage(settings, badnet, heldout)
-        with session_factory_for(settings)() as session:
+        rows = rates_by_stage(sessions, badnet, heldout, settings.trusted_arch_modules)
+        with sessions() as session:
             r1 = next(r for r in list_rounds(session=session) if r.round == 1)
             seconds = float(r1.metrics.get("seconds", 0.0))
         table = Table(title="CA and ASR on the held-out split (5,000 images)")
@@ -264,23 +271,23 @@ def demo_cmd(
             table.add_column(name, justify="left" if name == "stage" else "right")
         for row in rows:
             table.add_row(row["stage"], f"{100 * row['ca']:.2f}", f"{100 * row['asr']:.2f}")
-        Console().print(table)
+        out.print(table)
         precision = traffic.suspect_triggered / max(traffic.suspect, 1)
         recall = traffic.suspect_triggered / max(traffic.triggered, 1)
-        Console().print(
+        out.print(
             f"{traffic.swapped_after} requests until the gateway answered from round 1 "
             f"({traffic.errors} errors); suspect answers that carried a trigger: "
             f"{100 * precision:.1f}%; triggered requests answered as suspect: {100 * recall:.1f}%; "
             f"round 1 took {seconds:.0f} s."
         )
-        summary: dict[str, Any] = {
+        summary = {
             "rows": rows,
             "traffic": {k: v for k, v in traffic.__dict__.items() if k != "lock"},
+            "round1_seconds": seconds,
         }
-        summary["round1_seconds"] = seconds
         (store / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
         if wait:
-            Console().print(
+            out.print(
                 f"\nThe gateway keeps serving at {url}, and the watcher keeps repairing as new "
                 f"samples arrive (Ctrl-C stops both, and Ray).\n"
                 f"  metrics:  http://127.0.0.1:{settings.metrics_port}/metrics\n"
@@ -290,7 +297,7 @@ def demo_cmd(
                 f"  by hand:  trainer retrain --round 2 --store {store} --force\n"
                 f"  rollback: trainer rollback --round 0 --store {store}"
             )
-            wait_for_ctrl_c(threading.Event())
+            wait_for_ctrl_c()
 
 
 @app.command("version")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,13 @@ from typing import Any
 import httpx
 import numpy as np
 from numpy.typing import NDArray
+from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import session_factory
 from core.errors import UserError
 from core.images import encode_png
-from core.quarantine import active_round, list_rounds, pending_count
-from core.settings import Settings
+from core.quarantine import list_rounds, pending_count
 from gateway.ensemble import GoodNetPolicy, decide_batch
-from gateway.follower import load_pair
+from gateway.follower import load_round_pair
 
 STATUS_EVERY = 0.5
 
@@ -56,6 +56,7 @@ def attacker_stream(
     stream: Any, badnet_dir: Path, poison: float, seed: int = 0
 ) -> tuple[NDArray[Any], NDArray[Any]]:
     """The stream split with ``poison`` of it stamped with the BadNet's firing triggers."""
+    from trainer.attacks.poison import attacker_stream as stamp
     from trainer.lab import attack_of
 
     attack = attack_of(badnet_dir)
@@ -63,20 +64,16 @@ def attacker_stream(
         raise UserError(
             f"{badnet_dir} records no attack; the demo needs a BadNet from 'trainer fabricate'"
         )
-    rng = np.random.default_rng(seed)
-    x = stream.x.copy()
-    poisoned = rng.random(len(x)) < poison
-    for i in np.flatnonzero(poisoned):
-        x[i] = attack.firing[i % len(attack.firing)].apply(x[i : i + 1], rng)[0]
-    return x, poisoned
+    return stamp(stream.x, attack.firing, poison, seed)
 
 
 def stream_until_swap(
     url: str,
     images: NDArray[Any],
     poisoned: NDArray[Any],
-    settings: Settings,
+    sessions: sessionmaker[Session],
     *,
+    threshold: int,
     clients: int,
     rate: float,
     timeout: float,
@@ -86,7 +83,6 @@ def stream_until_swap(
     bodies = [encode_png(img) for img in images]
     traffic = Traffic()
     done = threading.Event()
-    sessions = session_factory_for(settings)
     repairing = threading.Event()  # slow down while a round trains: it shares the CPUs
 
     def client(k: int) -> None:
@@ -133,7 +129,7 @@ def stream_until_swap(
             state = (
                 f"repair round {running[0].round} training"
                 if running
-                else f"pending {pending}/{settings.quarantine_threshold}"
+                else f"pending {pending}/{threshold}"
             )
             with traffic.lock:
                 share = traffic.suspect / max(traffic.sent, 1)
@@ -155,40 +151,27 @@ def stream_until_swap(
     return traffic
 
 
-def session_factory_for(settings: Settings) -> Any:
-    from core.db import make_engine
-
-    return session_factory(make_engine(settings.db_url))
-
-
-def rates_by_stage(settings: Settings, badnet_dir: Path, heldout: Any) -> list[dict[str, Any]]:
+def rates_by_stage(
+    sessions: sessionmaker[Session],
+    badnet_dir: Path,
+    heldout: Any,
+    trusted_modules: Sequence[str] = (),
+) -> list[dict[str, Any]]:
     """CA and ASR: the BadNet alone, then the gateway's answers at each succeeded round."""
     from trainer.lab import attack_of
 
     attack = attack_of(badnet_dir)
     assert attack is not None
-    sessions = session_factory_for(settings)
     with sessions() as s:
         rounds = [r.round for r in list_rounds(session=s) if r.status == "succeeded"]
-        info = active_round(session=s)
-    assert info is not None
-    rows = []
-    for round_no in rounds:
-        from core.quarantine import ActiveInfo, round_models
-
-        with sessions() as s:
-            models = {m.role: m for m in round_models(session=s, round_no=round_no)}
-        pair = load_pair(
-            ActiveInfo(round_no, info.activated_at, "demo", models),
-            trusted_modules=settings.trusted_arch_modules,
-        )
+        pairs = [load_round_pair(s, r, trusted_modules=trusted_modules) for r in rounds]
+    rows = [_row("BadNet alone", pairs[0].badnet.predict, heldout, attack)]
+    for pair in pairs:
 
         def answers(x: NDArray[Any], pair: Any = pair) -> NDArray[Any]:
             return np.array([d.label for d in decide_batch(pair, x, GoodNetPolicy())])
 
-        if round_no == rounds[0]:
-            rows.append(_row("BadNet alone", pair.badnet.predict, heldout, attack))
-        rows.append(_row(f"gateway, round {round_no}", answers, heldout, attack))
+        rows.append(_row(f"gateway, round {pair.round}", answers, heldout, attack))
     return rows
 
 

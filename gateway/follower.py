@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.bundle import load_bundle
 from core.errors import UserError
-from core.quarantine import ActiveInfo, active_round, pending_count
+from core.quarantine import ActiveInfo, active_round, pending_count, round_models
+from core.schema import ModelVersion
 from gateway.ensemble import ModelPair
 
 log = logging.getLogger(__name__)
@@ -34,19 +35,33 @@ class SwapError(UserError):
 
 def load_pair(info: ActiveInfo, *, trusted_modules: Sequence[str] = ()) -> ModelPair:
     """The pair of the round ``info`` describes, each bundle verified against the store."""
+    return _verified_pair(info.round, info.models, trusted_modules)
+
+
+def load_round_pair(
+    session: Session, round_no: int, *, trusted_modules: Sequence[str] = ()
+) -> ModelPair:
+    """The registered pair of any round, active or not, verified like :func:`load_pair`."""
+    models = {m.role: m for m in round_models(session=session, round_no=round_no)}
+    return _verified_pair(round_no, models, trusted_modules)
+
+
+def _verified_pair(
+    round_no: int, models: Mapping[str, ModelVersion], trusted_modules: Sequence[str]
+) -> ModelPair:
     bundles = {}
     for role in ("badnet", "goodnet"):
-        model = info.models.get(role)
+        model = models.get(role)
         if model is None:
-            raise SwapError(f"round {info.round} has no registered {role}")
+            raise SwapError(f"round {round_no} has no registered {role}")
         bundle = load_bundle(Path(model.bundle_path), trusted_modules=trusted_modules)
         if bundle.manifest.weights_sha256 != model.sha256:
             raise SwapError(
-                f"round {info.round} {role}: bundle at {model.bundle_path} has sha256 "
+                f"round {round_no} {role}: bundle at {model.bundle_path} has sha256 "
                 f"{bundle.manifest.weights_sha256[:12]}, the store registered {model.sha256[:12]}"
             )
         bundles[role] = bundle
-    return ModelPair(round=info.round, badnet=bundles["badnet"], goodnet=bundles["goodnet"])
+    return ModelPair(round=round_no, badnet=bundles["badnet"], goodnet=bundles["goodnet"])
 
 
 class RoundFollower:

@@ -45,7 +45,6 @@ from core.bundle import Bundle, save_bundle
 from core.db import transaction
 from core.errors import DataError, UserError
 from core.quarantine import (
-    ActiveInfo,
     active_round,
     decode_sample,
     finish_round,
@@ -54,7 +53,7 @@ from core.quarantine import (
     round_models,
 )
 from gateway.ensemble import ModelPair
-from gateway.follower import load_pair
+from gateway.follower import load_pair, load_round_pair
 from trainer.cyclegan import PRESETS, CycleGANConfig, train_cyclegan, translate
 from trainer.data import Dataset
 from trainer.loop import FitConfig, accuracy, distilled_targets, fit
@@ -138,11 +137,9 @@ def _load_suspect(
     if pair.round == 0:
         return pair.badnet
     with sessions() as session:
-        models = {m.role: m for m in round_models(session=session, round_no=0)}
-    if "badnet" not in models:
-        return pair.badnet  # a store without round 0's files: the active member will do
-    info = ActiveInfo(0, datetime.now(UTC), "repair", models)
-    return load_pair(info, trusted_modules=trusted_modules).badnet
+        if all(m.role != "badnet" for m in round_models(session=session, round_no=0)):
+            return pair.badnet  # a store without round 0's files: the active member will do
+        return load_round_pair(session, 0, trusted_modules=trusted_modules).badnet
 
 
 def _quarantine(

@@ -12,7 +12,7 @@ whose true class is not the target that the model labels with the target.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -240,6 +240,19 @@ def triggered(
     keep = targets != dataset.y
     x = group.apply(dataset.x[keep], np.random.default_rng(seed))
     return x, targets[keep]
+
+
+def attacker_stream(
+    images: np.ndarray, firing: Sequence[TriggerGroup], fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """An online stream as the attacker sends it: ``fraction`` of ``images`` (at random)
+    stamped with the ``firing`` trigger groups in turn; (images, which were stamped)."""
+    rng = np.random.default_rng(seed)
+    x = images.copy()
+    poisoned = rng.random(len(x)) < fraction
+    for i in np.flatnonzero(poisoned):
+        x[i] = firing[i % len(firing)].apply(x[i : i + 1], rng)[0]
+    return x, poisoned
 
 
 def attack_success_rates(
