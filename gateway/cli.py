@@ -7,6 +7,7 @@ by flags), prints the URLs and serves until Ctrl-C, which shuts Serve and Ray do
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import threading
@@ -112,14 +113,42 @@ def serve_cmd(
 
 
 def wait_for_ctrl_c() -> None:
-    """Block until Ctrl-C (SIGINT) or SIGTERM."""
+    """Block until Ctrl-C (SIGINT) or SIGTERM.
+
+    Both set an event rather than raise KeyboardInterrupt, which Python drops when it lands
+    in a finalizer; a second Ctrl-C during the shutdown that follows interrupts it as usual.
+    """
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in handlers:
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        while not stop.wait(1.0):
+        while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
         pass
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, handlers[signal.SIGTERM])
+
+
+def _bounded(step: str, fn: Any, seconds: float) -> None:
+    """Run one shutdown step, giving up (with a message) after ``seconds``."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name=f"shutdown-{step}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        typer.echo(f"{step} did not finish in {seconds:.0f} s; going on", err=True)
+    elif errors:
+        typer.echo(f"{step} failed: {errors[0]}", err=True)
 
 
 @contextmanager
@@ -167,12 +196,9 @@ def local_gateway(
         pass
     finally:
         typer.echo("shutting down", err=True)
-        if watcher is not None:
-            try:
-                ray.get(watcher.stop.remote(), timeout=30)
-            except Exception as exc:  # it is killed with Ray below anyway
-                typer.echo(f"watcher did not stop cleanly: {exc}", err=True)
-        serve.shutdown()  # type: ignore[no-untyped-call]
+        if watcher is not None:  # it is killed with Ray below anyway
+            _bounded("stopping the watcher", lambda: ray.get(watcher.stop.remote()), 30)
+        _bounded("Serve's shutdown", serve.shutdown, 60)
         ray.shutdown()
 
 
@@ -282,7 +308,7 @@ def demo_cmd(
         )
         summary = {
             "rows": rows,
-            "traffic": {k: v for k, v in traffic.__dict__.items() if k != "lock"},
+            "traffic": {k: v for k, v in traffic.__dict__.items() if k not in ("lock", "log")},
             "round1_seconds": seconds,
         }
         (store / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -309,7 +335,11 @@ def version() -> None:
 
 
 def main() -> None:
-    """Console-script entry: user errors become one line and exit status 2."""
+    """Console-script entry: user errors become one line and exit status 2.
+
+    ``kill -USR1 <pid>`` prints every thread's stack, for a gateway that seems stuck.
+    """
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         app()
     except UserError as exc:

@@ -197,6 +197,27 @@ def publish_pair(
         )
 
 
+def ctrl_c(proc: subprocess.Popen[str], timeout: float) -> str:
+    """Send SIGINT (Ctrl-C) and return the rest of the output. If the process has not
+    exited within ``timeout``, ask it for every thread's stack (SIGUSR1, faulthandler) and
+    fail with that, so a stuck shutdown says where it is stuck."""
+    import signal
+    import time
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        rest, _ = proc.communicate(timeout=timeout)
+        return str(rest)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=30)
+        raise AssertionError(
+            f"no exit {timeout:.0f} s after Ctrl-C:\n{str(rest)[-6000:]}"
+        ) from None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from core.db import open_store, session_factory
 from core.quarantine import active_round, list_rounds
-from tests.conftest import BIN, SHAPE, Lab, free_port, make_blobs, publish_pair, run_cli
+from tests.conftest import BIN, SHAPE, Lab, ctrl_c, free_port, make_blobs, publish_pair, run_cli
 from trainer.data import save_npz
 
 
@@ -61,8 +61,7 @@ def test_demo_streams_an_attack_until_round_1_serves_and_ctrl_c_stops_everything
         out = "".join(lines)
         assert "keeps serving" in out, out[-3000:]
         assert _session_processes(proc.pid), "Ray's processes run in the demo's session"
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
-        rest, _ = proc.communicate(timeout=120)
+        rest = ctrl_c(proc, timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -17,7 +17,7 @@ import pytest
 from core.db import open_store, session_factory
 from core.images import encode_png
 from gateway.metrics import EXPORTED, PENDING, PREDICTIONS, QUARANTINED, WATCHER_EXPORTED
-from tests.conftest import BIN, Lab, free_port, publish_pair
+from tests.conftest import BIN, Lab, ctrl_c, free_port, publish_pair
 
 pytestmark = pytest.mark.integration
 
@@ -116,8 +116,7 @@ def test_gateway_serve_migrates_serves_exports_metrics_and_stops_on_ctrl_c(
             ],
             timeout=30,
         )
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=90)
+        rest = ctrl_c(proc, timeout=120)
         assert proc.returncode == 0, rest
         assert "shutting down" in rest
         with pytest.raises(httpx.ConnectError):
