@@ -48,7 +48,8 @@ class Traffic:
     suspect_triggered: int = 0
     errors: int = 0
     round_seen: int = 0
-    swapped_after: int | None = None  # requests sent when round 1 first answered
+    swapped_after: int | None = None  # requests sent when a newer round first answered
+    log: list[tuple[bool, bool, int]] = field(default_factory=list)  # (triggered, suspect, round)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -77,11 +78,19 @@ def stream_until_swap(
     clients: int,
     rate: float,
     timeout: float,
+    serving_round: int = 0,
+    after: int = 0,
+    repair_rate: float | None = None,
     out: Any = sys.stderr,
 ) -> Traffic:
-    """Send the stream over HTTP (looping) until the gateway answers from a new round."""
+    """Send the stream over HTTP (looping) until the gateway answers from a round newer than
+    ``serving_round``, and then ``after`` requests more. ``Traffic.log`` keeps every answer.
+
+    ``rate`` is requests/s over all clients; while a round trains it is ``repair_rate``
+    (default a quarter of ``rate``): the round and the gateway share the CPUs."""
+    slow = rate / 4 if repair_rate is None else repair_rate
     bodies = [encode_png(img) for img in images]
-    traffic = Traffic()
+    traffic = Traffic(round_seen=serving_round)
     done = threading.Event()
     repairing = threading.Event()  # slow down while a round trains: it shares the CPUs
 
@@ -103,13 +112,18 @@ def stream_until_swap(
                     if answer is None:
                         traffic.errors += 1
                     else:
+                        traffic.log.append((bool(poisoned[j]), answer["suspect"], answer["round"]))
                         traffic.suspect += bool(answer["suspect"])
                         traffic.suspect_triggered += bool(answer["suspect"] and poisoned[j])
                         if answer["round"] > traffic.round_seen:
                             traffic.round_seen = answer["round"]
-                            traffic.swapped_after = traffic.sent
-                            done.set()
-                pace = (rate / 4 if repairing.is_set() else rate) / clients
+                            if traffic.swapped_after is None:
+                                traffic.swapped_after = traffic.sent
+                    if traffic.swapped_after is not None and (
+                        traffic.sent >= traffic.swapped_after + after
+                    ):
+                        done.set()
+                pace = (slow if repairing.is_set() else rate) / clients
                 time.sleep(max(0.0, 1 / pace - (time.monotonic() - started)))
 
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
@@ -120,11 +134,18 @@ def stream_until_swap(
         while not done.wait(STATUS_EVERY):
             with sessions() as s:
                 pending = pending_count(session=s)
-                running = [r for r in list_rounds(session=s) if r.status == "running"]
+                rounds = [r for r in list_rounds(session=s) if r.round > serving_round]
+            running = [r for r in rounds if r.status == "running"]
+            ended = [r for r in rounds if r.status in ("rejected", "failed")]
             if running:
                 repairing.set()
             else:
                 repairing.clear()
+            for r in ended if traffic.swapped_after is None else []:
+                raise UserError(
+                    f"repair round {r.round} was {r.status} ({_why(r)}); the active round keeps "
+                    "serving and the watcher tries again later; see 'trainer status'"
+                )
             elapsed = time.monotonic() - start
             state = (
                 f"repair round {running[0].round} training"
@@ -149,6 +170,16 @@ def stream_until_swap(
             t.join(timeout=70)
         out.write("\n")
     return traffic
+
+
+def _why(r: Any) -> str:
+    gate = (r.metrics or {}).get("gate")
+    if r.status == "rejected" and gate:
+        return "clean accuracy on the gate split " + ", ".join(
+            f"{role} {100 * g['before']:.2f}% -> {100 * g['after']:.2f}%"
+            for role, g in gate.items()
+        )
+    return str(r.error or "no reason recorded")[:300]
 
 
 def rates_by_stage(

@@ -4,6 +4,7 @@ of ``make demo``; the full-size run is timed in docs/RESULTS.md."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -11,8 +12,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from core.db import open_store, session_factory
-from core.quarantine import active_round, list_rounds
+import numpy as np
+import pytest
+
+from core.db import open_store, session_factory, transaction
+from core.errors import UserError
+from core.quarantine import active_round, finish_round, list_rounds, open_round
+from gateway.demo import stream_until_swap
 from tests.conftest import BIN, SHAPE, Lab, ctrl_c, free_port, make_blobs, publish_pair, run_cli
 from trainer.data import save_npz
 
@@ -87,3 +93,36 @@ def test_demo_refuses_a_store_without_round_0(tmp_path: Path, lab: Lab) -> None:
     assert done.returncode == 2
     assert "no round is active" in done.stderr and "trainer prepare" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_streaming_stops_with_the_reason_when_the_round_is_rejected(
+    tmp_path: Path, lab: Lab
+) -> None:
+    """No waiting out the timeout: a rejected round ends the stream with the gate's numbers."""
+    store = tmp_path / "store"
+    sessions = session_factory(open_store(f"sqlite:///{store / 'quarantine.db'}"))
+    publish_pair(sessions, store, 0, lab.badnet, lab.goodnet, activate=True)
+    with transaction(sessions) as s:
+        open_round(session=s, round_no=1, owner="test")
+    with transaction(sessions) as s:
+        gate = {"goodnet": {"before": 0.91, "after": 0.85}}
+        finish_round(
+            session=s, round_no=1, status="rejected", samples_used=20, metrics={"gate": gate}
+        )
+    images = np.stack([lab.clean[0]] * 4)
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: every request is an error
+    out = io.StringIO()
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"round 1 was rejected .*goodnet 91.00% -> 85.00%"):
+        stream_until_swap(
+            url,
+            images,
+            np.zeros(4, bool),
+            sessions,
+            threshold=20,
+            clients=1,
+            rate=20,
+            timeout=60,
+            out=out,
+        )
+    assert time.monotonic() - started < 10
