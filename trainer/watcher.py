@@ -61,6 +61,10 @@ def repair_task(
     return {"round": outcome.round, "status": outcome.status, "metrics": outcome.metrics}
 
 
+class RoundStopped(RuntimeError):
+    """The watcher stopped (Ctrl-C, shutdown) while its round trained: the round fails."""
+
+
 class WatcherMetrics:
     def __init__(self, port: int) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -170,13 +174,19 @@ class Watcher:
         ref = task.remote(settings, round_no, self.owner, self.cfg)
         self.current_ref = ref
         beat = max(1.0, self.settings.repair_lease_seconds / 3)
+        last_beat = time.monotonic()
         try:
             while True:
-                ready, _ = ray.wait([ref], timeout=beat)
+                ready, _ = ray.wait([ref], timeout=1.0)
                 if ready:
                     return str(ray.get(ref)["status"])  # a dead task raises here
-                with transaction(self.sessions) as session:
-                    heartbeat(session=session, round_no=round_no, owner=self.owner)
+                if self._stop.is_set():  # the gateway is shutting down: end the round now
+                    ray.cancel(ref, force=True)
+                    raise RoundStopped("the watcher was stopped while the round trained")
+                if time.monotonic() - last_beat >= beat:
+                    with transaction(self.sessions) as session:
+                        heartbeat(session=session, round_no=round_no, owner=self.owner)
+                    last_beat = time.monotonic()
         finally:
             self.current_ref = None
 

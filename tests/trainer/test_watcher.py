@@ -128,6 +128,37 @@ def test_a_killed_round_task_fails_the_round_and_the_next_one_runs(
     watcher.metrics.close()
 
 
+@pytest.mark.integration
+def test_stopping_the_watcher_mid_round_fails_the_round_at_once(
+    tmp_path: Path, lab: Lab, ray_session: Any
+) -> None:
+    """Ctrl-C on ``gateway serve`` while a round trains: the round ends as failed within
+    seconds (not a lease later), its task is cancelled, and nothing is consumed."""
+    settings, sessions = _setup(tmp_path, lab, 20, repair_lease_seconds=300.0)
+    slow = replace(TINY, cyclegan=replace(TINY.cyclegan, epochs=500))
+    watcher = Watcher(settings, slow, use_ray=True)
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(watcher.poll_once()))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while watcher.current_ref is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert watcher.current_ref is not None
+    time.sleep(2.0)
+    stopped = time.monotonic()
+    watcher.stop()
+    thread.join(timeout=60)
+    assert time.monotonic() - stopped < 10
+    (result,) = results
+    assert result.round == 1 and result.status == "failed"
+    with sessions() as s:
+        r1 = list_rounds(session=s)[1]
+        assert r1.status == "failed" and "stopped while the round trained" in (r1.error or "")
+        assert active_round(session=s).round == 0  # type: ignore[union-attr]
+        assert pending_count(session=s) == 20
+    watcher.metrics.close()
+
+
 def test_status_rollback_and_retrain_refusals(tmp_path: Path, lab: Lab) -> None:
     settings, sessions = _setup(tmp_path, lab, 3)
     env = {"BQG_STORE": str(tmp_path), "BQG_DB": settings.db_url, "BQG_VALID": settings.valid}
