@@ -76,7 +76,7 @@ ATTACKS = [
     "warp",
 ]
 ASR_GOAL, CA_DROP_GOAL = 0.02, 2.0
-AFTER = 1500  # requests streamed after the swap, for the quarantine-rate plot
+AFTER = 1000  # requests streamed after the swap, for the quarantine-rate plot
 PASSES = 4  # the 4,000-image stream split, stamped afresh on each pass
 REPAIR_RATE = 2.0  # requests/s while a round trains (it has the 2 cores), so that few
 # samples wait when the round lands: the next round then learns from the next traffic

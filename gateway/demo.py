@@ -137,9 +137,9 @@ def stream_until_swap(
                 rounds = [r for r in list_rounds(session=s) if r.round > serving_round]
             running = [r for r in rounds if r.status == "running"]
             ended = [r for r in rounds if r.status in ("rejected", "failed")]
-            if running:
+            if running and traffic.swapped_after is None:
                 repairing.set()
-            else:
+            else:  # once swapped, the ``after`` requests go at full rate
                 repairing.clear()
             for r in ended if traffic.swapped_after is None else []:
                 raise UserError(
