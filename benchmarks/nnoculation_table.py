@@ -46,7 +46,7 @@ import httpx
 import numpy as np
 from numpy.typing import NDArray
 
-from benchmarks.results import RESULTS_DIR, checks_line, provenance, publish
+from benchmarks.results import RESULTS_DIR, checks_line, defender_data, provenance, publish
 from core.bundle import load_bundle
 from core.db import open_store, session_factory
 from core.errors import UserError
@@ -58,9 +58,8 @@ from gateway.demo import Traffic, stream_until_swap
 from gateway.ensemble import GoodNetPolicy, decide_batch
 from gateway.follower import load_round_pair
 from trainer.attacks.poison import Attack, TriggerGroup, attack_success_rates, attacker_stream
-from trainer.data import Dataset, load_fashion_mnist
+from trainer.data import Dataset
 from trainer.lab import attack_of
-from trainer.loop import set_threads
 from trainer.prepare import PrepareConfig, prepare_round_zero
 from trainer.repair import repair_config
 
@@ -409,13 +408,8 @@ def run(
     opts: Options,
     resume: bool,
 ) -> dict[str, Any]:
-    settings = Settings()
     started = provenance()
-    threads = set_threads(settings.threads)
-    data = {
-        split: load_fashion_mnist(settings.fashion_mnist_dir, split)
-        for split in ("valid", "stream", "heldout")
-    }
+    _, data, threads = defender_data("valid", "stream", "heldout")
     stream = data["stream"].x
 
     def go(label: str, name: str, phases: Any, poison: float, reuse: str | None = None) -> Any:

@@ -29,18 +29,24 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.results import RESULTS_DIR, checks_line, provenance, publish, trigger_images
+from benchmarks.results import (
+    RESULTS_DIR,
+    checks_line,
+    defender_data,
+    provenance,
+    publish,
+    trigger_images,
+)
 from core.bundle import load_bundle
 from core.db import open_store, session_factory, transaction
 from core.quarantine import NewSample, active_round, add_samples
-from core.settings import Settings
 from gateway.ensemble import GoodNetPolicy, decide_batch
 from gateway.follower import load_pair
 from trainer.attacks.poison import TriggerGroup, attacker_stream, firing_success_rate
 from trainer.cyclegan import PRESETS
-from trainer.data import Dataset, load_fashion_mnist
+from trainer.data import Dataset
 from trainer.lab import attack_of
-from trainer.loop import accuracy, set_threads
+from trainer.loop import accuracy
 from trainer.prepare import PrepareConfig, prepare_round_zero
 from trainer.repair import RepairConfig, confident_mask, run_repair_round
 
@@ -177,13 +183,8 @@ def one_attack(
 
 
 def run(zoo: Path, attacks: list[str], cfg: RepairConfig, prep: PrepareConfig) -> dict[str, Any]:
-    settings = Settings()
     started = provenance()
-    threads = set_threads(settings.threads)
-    data = {
-        split: load_fashion_mnist(settings.fashion_mnist_dir, split)
-        for split in ("valid", "stream", "heldout")
-    }
+    _, data, threads = defender_data("valid", "stream", "heldout")
     rows = [one_attack(name, zoo, data, cfg, prep) for name in attacks]
     done = [r for r in rows if r["status"] == "succeeded"]
     return {

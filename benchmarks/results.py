@@ -111,3 +111,15 @@ def checks_line(checks: dict[str, bool]) -> str:
 def trigger_images(rows: list[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> list[str]:
     """Markdown images of the rows' recovered-trigger PNGs (those that have one)."""
     return [f"![{label(r)}](results/{r['trigger_png']})" for r in rows if "trigger_png" in r]
+
+
+def defender_data(*splits: str) -> tuple[Any, dict[str, Any], int]:
+    """A benchmark's start: settings, the defender's Fashion-MNIST splits, torch threads."""
+    from core.settings import Settings
+    from trainer.data import load_fashion_mnist
+    from trainer.loop import set_threads
+
+    settings = Settings()
+    threads = set_threads(settings.threads)
+    data = {s: load_fashion_mnist(settings.fashion_mnist_dir, s) for s in splits}
+    return settings, data, threads

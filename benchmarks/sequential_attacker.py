@@ -26,16 +26,22 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.repair_round import ASR_MAX, CA_DROP_MAX, collect, store_quarantine
-from benchmarks.results import RESULTS_DIR, checks_line, provenance, publish, trigger_images
+from benchmarks.results import (
+    RESULTS_DIR,
+    checks_line,
+    defender_data,
+    provenance,
+    publish,
+    trigger_images,
+)
 from core.bundle import Bundle, load_bundle
 from core.db import open_store, session_factory
 from core.quarantine import active_round
-from core.settings import Settings
 from gateway.follower import load_pair
 from trainer.attacks.poison import Attack, attack_success_rates
-from trainer.data import Dataset, load_fashion_mnist
+from trainer.data import Dataset
 from trainer.lab import attack_of
-from trainer.loop import accuracy, set_threads
+from trainer.loop import accuracy
 from trainer.prepare import PrepareConfig, prepare_round_zero
 from trainer.repair import RepairConfig, confident_mask, run_repair_round
 
@@ -50,13 +56,8 @@ def _stage(stage: str, bundle: Bundle, heldout: Dataset, attack: Attack) -> dict
 
 
 def run(zoo_dir: Path) -> dict[str, Any]:
-    settings = Settings()
     started = provenance()
-    threads = set_threads(settings.threads)
-    data = {
-        split: load_fashion_mnist(settings.fashion_mnist_dir, split)
-        for split in ("valid", "stream", "heldout")
-    }
+    _, data, threads = defender_data("valid", "stream", "heldout")
     attack = attack_of(zoo_dir)
     if attack is None or len(attack.firing) < 3:
         raise SystemExit(f"{zoo_dir} is not a BadNet with three triggers")

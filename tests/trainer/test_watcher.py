@@ -59,6 +59,22 @@ def _setup(
     return Settings(**{**defaults, **settings}), sessions
 
 
+def _slow_round_under_way(settings: Settings) -> tuple[Watcher, threading.Thread, list[Any]]:
+    """A watcher polling in a thread, its round's Ray task a few seconds into a CycleGAN
+    that would train for minutes; the thread appends the poll's result to the list."""
+    slow = replace(TINY, cyclegan=replace(TINY.cyclegan, epochs=500))
+    watcher = Watcher(settings, slow, use_ray=True)
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(watcher.poll_once()))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while watcher.current_ref is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert watcher.current_ref is not None
+    time.sleep(3.0)  # into the CycleGAN's training
+    return watcher, thread, results
+
+
 def test_below_the_threshold_nothing_runs(tmp_path: Path, lab: Lab) -> None:
     settings, sessions = _setup(tmp_path, lab, 5)
     result = Watcher(settings, TINY, use_ray=False).poll_once()
@@ -100,16 +116,7 @@ def test_a_killed_round_task_fails_the_round_and_the_next_one_runs(
     import ray
 
     settings, sessions = _setup(tmp_path, lab, 20, watcher_metrics_port=free_port())
-    slow = replace(TINY, cyclegan=replace(TINY.cyclegan, epochs=500))  # minutes: long enough
-    watcher = Watcher(settings, slow, use_ray=True)
-    results: list[Any] = []
-    thread = threading.Thread(target=lambda: results.append(watcher.poll_once()))
-    thread.start()
-    deadline = time.monotonic() + 60
-    while watcher.current_ref is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert watcher.current_ref is not None
-    time.sleep(3.0)  # into the CycleGAN's training
+    watcher, thread, results = _slow_round_under_way(settings)
     ray.cancel(watcher.current_ref, force=True)  # kills the worker process running the task
     thread.join(timeout=120)
     (result,) = results
@@ -135,16 +142,7 @@ def test_stopping_the_watcher_mid_round_fails_the_round_at_once(
     """Ctrl-C on ``gateway serve`` while a round trains: the round ends as failed within
     seconds (not a lease later), its task is cancelled, and nothing is consumed."""
     settings, sessions = _setup(tmp_path, lab, 20, repair_lease_seconds=300.0)
-    slow = replace(TINY, cyclegan=replace(TINY.cyclegan, epochs=500))
-    watcher = Watcher(settings, slow, use_ray=True)
-    results: list[Any] = []
-    thread = threading.Thread(target=lambda: results.append(watcher.poll_once()))
-    thread.start()
-    deadline = time.monotonic() + 60
-    while watcher.current_ref is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert watcher.current_ref is not None
-    time.sleep(2.0)
+    watcher, thread, results = _slow_round_under_way(settings)
     stopped = time.monotonic()
     watcher.stop()
     thread.join(timeout=60)
