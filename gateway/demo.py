@@ -173,12 +173,11 @@ def stream_until_swap(
 
 
 def _why(r: Any) -> str:
+    from trainer.repair import describe_gate
+
     gate = (r.metrics or {}).get("gate")
     if r.status == "rejected" and gate:
-        return "clean accuracy on the gate split " + ", ".join(
-            f"{role} {100 * g['before']:.2f}% -> {100 * g['after']:.2f}%"
-            for role, g in gate.items()
-        )
+        return f"on the gate split: {describe_gate(gate)}"
     return str(r.error or "no reason recorded")[:300]
 
 

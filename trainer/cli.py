@@ -503,7 +503,11 @@ def retrain_cmd(
     ] = None,
     preset: PresetOpt = None,
     ca_drop: Annotated[
-        float | None, typer.Option(help="The gate's theta in points (default 3).")
+        float | None,
+        typer.Option(
+            help="The gate's theta: how many points the served clean accuracy may drop "
+            "(default 3)."
+        ),
     ] = None,
     min_score: Annotated[
         float | None,
@@ -579,10 +583,21 @@ def status_cmd(db: DbOpt = None, store: StoreOpt = None) -> None:
         rounds = list_rounds(session=session)
         pending = pending_count(session=session)
     table = Table(title=f"Rounds in {safe_url(settings.db_url)}")
-    for name in ("round", "status", "samples", "goodnet CA", "duration", "active", "note"):
+    for name in ("round", "status", "samples", "served CA", "duration", "active", "note"):
         table.add_column(name, justify="right" if name != "note" else "left")
     for r in rounds:
-        ca = r.metrics.get("clean_accuracy_goodnet", r.metrics.get("goodnet_clean_accuracy"))
+        ca = next(
+            (
+                r.metrics[k]
+                for k in (
+                    "clean_accuracy_served",
+                    "clean_accuracy_goodnet",
+                    "goodnet_clean_accuracy",
+                )
+                if k in r.metrics
+            ),
+            None,
+        )
         seconds = (
             (r.finished_at - r.started_at).total_seconds()
             if r.finished_at and r.started_at

@@ -18,8 +18,15 @@
    (distillation, as ``prepare`` does), so the treated copy learns "answer as if the trigger
    were not there", and the GoodNet learns back the suspect's clean accuracy: on clean
    images the suspect is the most accurate model we have.
-5. Gate: each model's clean accuracy on held-out validation data must stay within theta of
-   the active round's; a failed gate marks the round ``rejected`` and activates nothing.
+5. Gate (DESIGN.md: "clean accuracy on held-out validation data within theta of the round
+   it replaces"): the round's clean accuracy is that of the answers clients get, the
+   ensemble's under the gateway's policy, on a held-out gate split; it may drop at most
+   theta points. Each member's own accuracy is recorded but not gated: under the GoodNet
+   policy the suspect member's answer is never served, and gating on it rejected a round
+   that raised the served accuracy 2.5 points (docs/RESULTS.md, the NNoculation table).
+   The pair must also not disagree on more than ``max_clean_suspect`` of the clean gate
+   images, or the quarantine would fill with clean images. A failed gate marks the round
+   ``rejected`` and activates nothing.
 6. Save the bundles, register them, activate round K and mark the samples consumed, in one
    transaction. A crash marks the round ``failed`` and activates nothing.
 7. Write a PNG of clean images beside gen_ab(clean) and their mean difference (the
@@ -41,7 +48,7 @@ import numpy as np
 from safetensors.torch import save_file
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.bundle import Bundle, save_bundle
+from core.bundle import Bundle, InputSpec, batched_logits, save_bundle
 from core.db import transaction
 from core.errors import DataError, UserError
 from core.quarantine import (
@@ -52,7 +59,7 @@ from core.quarantine import (
     pending_samples,
     round_models,
 )
-from gateway.ensemble import ModelPair
+from gateway.ensemble import ModelPair, Policy, make_policy
 from gateway.follower import load_pair, load_round_pair
 from trainer.cyclegan import PRESETS, CycleGANConfig, train_cyclegan, translate
 from trainer.data import Dataset
@@ -77,8 +84,10 @@ class RepairConfig:
     distill: float = 1.0
     teacher: str = "suspect"  # distill from the suspect member on clean images, or "self"
     split_by_label: bool = True  # one CycleGAN per target label with >= min_kept images
-    ca_drop: float = 3.0  # the gate's theta, in points
+    ca_drop: float = 3.0  # the gate's theta, in points of served clean accuracy
+    max_clean_suspect: float = 10.0  # the gate's bound on clean disagreement, in percent
     gate_fraction: float = 0.2  # validation data held out for the gate
+    policy: str = "goodnet"  # the gateway's ensemble policy, which decides the served answer
     seed: int = 0
 
     def validate(self) -> None:
@@ -97,6 +106,11 @@ class RepairConfig:
             raise UserError("min_kept must be at least 1")
         if not 0 < self.gate_fraction < 1:
             raise UserError("gate_fraction must lie strictly between 0 and 1")
+        if not 0 <= self.max_clean_suspect <= 100:
+            raise UserError(
+                f"max_clean_suspect must lie in [0, 100] percent, got {self.max_clean_suspect}"
+            )
+        make_policy(self.policy)  # a clear error for an unknown policy
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,7 +121,51 @@ def repair_config(settings: Any, *, preset: str | None = None) -> RepairConfig:
     name = preset or settings.repair_preset
     if name not in PRESETS:
         raise UserError(f"unknown CycleGAN preset {name!r}; known: {', '.join(PRESETS)}")
-    return RepairConfig(cyclegan=PRESETS[name], min_score=settings.repair_min_score)
+    return RepairConfig(
+        cyclegan=PRESETS[name], min_score=settings.repair_min_score, policy=settings.policy
+    )
+
+
+def served_rates(
+    badnet: Any, goodnet: Any, x: np.ndarray, y: np.ndarray, spec: InputSpec, policy: Policy
+) -> tuple[float, float]:
+    """The pair's clean accuracy as served under ``policy`` (a rejected answer counts as
+    wrong) and the fraction of ``x`` it flags as suspect (would quarantine)."""
+    labels, suspect = policy.decide(
+        batched_logits(badnet, spec, x).softmax(1), batched_logits(goodnet, spec, x).softmax(1)
+    )
+    served = np.array([-1 if label is None else label for label in labels])
+    return float((served == np.asarray(y)).mean()), float(np.mean(suspect))
+
+
+def gate_round(
+    before: dict[str, Any], after: dict[str, Any], gate: Dataset, spec: InputSpec, cfg: RepairConfig
+) -> tuple[dict[str, Any], bool]:
+    """Step 5: the gate's numbers for the pair ``before`` -> ``after`` (role -> model), and
+    whether the round passes."""
+    policy = make_policy(cfg.policy)
+    ca_before, suspect_before = served_rates(
+        before["badnet"], before["goodnet"], gate.x, gate.y, spec, policy
+    )
+    ca_after, suspect_after = served_rates(
+        after["badnet"], after["goodnet"], gate.x, gate.y, spec, policy
+    )
+    metrics = {
+        "served clean accuracy": {"before": ca_before, "after": ca_after},
+        "clean images flagged suspect": {"before": suspect_before, "after": suspect_after},
+    }
+    passed = (
+        ca_after >= ca_before - cfg.ca_drop / 100.0 - 1e-12
+        and suspect_after <= cfg.max_clean_suspect / 100.0 + 1e-12
+    )
+    return metrics, passed
+
+
+def describe_gate(gate: dict[str, Any]) -> str:
+    """'served clean accuracy 93.03% -> 89.55%, ...' for messages and notes."""
+    return ", ".join(
+        f"{what} {100 * g['before']:.2f}% -> {100 * g['after']:.2f}%" for what, g in gate.items()
+    )
 
 
 @dataclass
@@ -295,18 +353,18 @@ def run_repair_round(
             gan = train_cyclegan(domain_a, images, cfg.cyclegan, on_epoch=on_epoch)
             treated[part] = translate(gan.gen_ab, train.x[part])
             gans.append((label, images, gan))
-        models, gate_metrics, tune_seconds = {}, {}, 0.0
+        models, members, tune_seconds = {}, {}, 0.0
         for role in ROLES:
             progress(f"round {round_no}: fine-tuning the {role} on {2 * len(train)} images")
             teacher = bundles["badnet" if cfg.teacher == "suspect" else role]
             models[role], seconds = finetune(bundles[role], train, treated, cfg, teacher)
             tune_seconds += seconds
-            gate_metrics[role] = {
+            members[role] = {
                 "before": accuracy(bundles[role].model, gate.x, gate.y, spec),
                 "after": accuracy(models[role], gate.x, gate.y, spec),
             }
-        passed = all(
-            g["after"] >= g["before"] - cfg.ca_drop / 100.0 - 1e-12 for g in gate_metrics.values()
+        gate_metrics, passed = gate_round(
+            {r: bundles[r].model for r in ROLES}, models, gate, spec, cfg
         )
         metrics: dict[str, Any] = {
             "base_round": base_round,
@@ -314,7 +372,9 @@ def run_repair_round(
             "samples_kept": len(quarantined),
             "gate": gate_metrics,
             "gate_passed": passed,
-            "clean_accuracy_goodnet": gate_metrics["goodnet"]["after"],
+            "members": members,
+            "clean_accuracy_served": gate_metrics["served clean accuracy"]["after"],
+            "clean_accuracy_goodnet": members["goodnet"]["after"],
             "cyclegan": cfg.cyclegan.to_dict(),
             "cyclegan_seconds": sum(g.seconds for _, _, g in gans),
             "cyclegan_final_losses": [g.history[-1] for _, _, g in gans],
@@ -334,12 +394,9 @@ def run_repair_round(
                     metrics=metrics,
                 )
             progress(
-                f"round {round_no} rejected by its gate: "
-                + ", ".join(
-                    f"{r} CA {100 * g['before']:.2f}% -> {100 * g['after']:.2f}%"
-                    for r, g in gate_metrics.items()
-                )
-                + f" (theta {cfg.ca_drop:g} points); round {base_round} keeps serving"
+                f"round {round_no} rejected by its gate: {describe_gate(gate_metrics)} on the "
+                f"gate split (allowed: a drop of at most {cfg.ca_drop:g} points, at most "
+                f"{cfg.max_clean_suspect:g}% flagged); round {base_round} keeps serving"
             )
             return RepairOutcome(round_no, "rejected", metrics, None)
 
@@ -361,7 +418,7 @@ def run_repair_round(
                         "created_by": "trainer repair",
                         "created_at": datetime.now(UTC).isoformat(),
                         "base_round": base_round,
-                        "metrics": {"clean_accuracy_gate": gate_metrics[role]["after"]},
+                        "metrics": {"clean_accuracy_gate": members[role]["after"]},
                     },
                 )
             sample = gate.x[:8]
@@ -388,8 +445,10 @@ def run_repair_round(
             after_register=lambda session: consume(session, ids, round_no),
         )
         progress(
-            f"round {round_no} is active: goodnet CA {100 * gate_metrics['goodnet']['after']:.2f}%, "
-            f"badnet CA {100 * gate_metrics['badnet']['after']:.2f}% on the gate split, "
+            f"round {round_no} is active: served CA "
+            f"{100 * gate_metrics['served clean accuracy']['after']:.2f}% "
+            f"(goodnet {100 * members['goodnet']['after']:.2f}%, "
+            f"badnet {100 * members['badnet']['after']:.2f}%) on the gate split, "
             f"{len(ids)} samples, {metrics['seconds']:.0f}s"
         )
         return RepairOutcome(round_no, "succeeded", metrics, path)

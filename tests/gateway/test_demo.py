@@ -105,7 +105,7 @@ def test_streaming_stops_with_the_reason_when_the_round_is_rejected(
     with transaction(sessions) as s:
         open_round(session=s, round_no=1, owner="test")
     with transaction(sessions) as s:
-        gate = {"goodnet": {"before": 0.91, "after": 0.85}}
+        gate = {"served clean accuracy": {"before": 0.91, "after": 0.85}}
         finish_round(
             session=s, round_no=1, status="rejected", samples_used=20, metrics={"gate": gate}
         )
@@ -113,7 +113,9 @@ def test_streaming_stops_with_the_reason_when_the_round_is_rejected(
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens: every request is an error
     out = io.StringIO()
     started = time.monotonic()
-    with pytest.raises(UserError, match=r"round 1 was rejected .*goodnet 91.00% -> 85.00%"):
+    with pytest.raises(
+        UserError, match=r"round 1 was rejected .*served clean accuracy 91.00% -> 85.00%"
+    ):
         stream_until_swap(
             url,
             images,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from sqlalchemy.orm import Session, sessionmaker
+from torch import nn
 
 from core.bundle import load_bundle
 from core.db import open_store, session_factory, transaction
@@ -26,7 +27,13 @@ from tests.conftest import SHAPE, TARGET, Lab, make_blobs, publish_pair, quarant
 from trainer.cyclegan import CycleGANConfig, train_cyclegan, translate
 from trainer.cyclegan.models import PatchDiscriminator, ResnetGenerator
 from trainer.data import Dataset
-from trainer.repair import RepairConfig, confident_mask, run_repair_round, trigger_groups
+from trainer.repair import (
+    RepairConfig,
+    confident_mask,
+    gate_round,
+    run_repair_round,
+    trigger_groups,
+)
 
 TINY_GAN = CycleGANConfig(ngf=8, ndf=8, n_blocks=1, epochs=2, batch_size=16)
 TINY = RepairConfig(cyclegan=TINY_GAN, clean_images=64, epochs=1, ca_drop=100.0)
@@ -107,7 +114,9 @@ def test_a_round_activates_consumes_and_writes_its_trigger(tmp_path: Path, lab: 
         assert load_bundle(outcome.path / role).manifest.meta["round"] == 1
     assert (outcome.path / "trigger.png").stat().st_size > 2000
     assert any("CycleGAN epoch 2/2" in m for m in messages)
-    assert outcome.metrics["gate"]["goodnet"]["after"] >= 0.0
+    served = outcome.metrics["gate"]["served clean accuracy"]["after"]
+    assert served == outcome.metrics["members"]["goodnet"]["after"]  # the GoodNet policy
+    assert outcome.metrics["gate_passed"] and 0.0 < served <= 1.0
 
 
 def test_a_failed_gate_rejects_the_round_and_keeps_the_samples(tmp_path: Path, lab: Lab) -> None:
@@ -127,6 +136,43 @@ def test_a_failed_gate_rejects_the_round_and_keeps_the_samples(tmp_path: Path, l
         assert pending_count(session=s) == 30
         assert list_rounds(session=s)[1].status == "rejected"
     assert not (tmp_path / "rounds" / "1").exists()
+
+
+class _Always(nn.Module):
+    """A wrecked member: answers ``label`` for every image."""
+
+    def __init__(self, label: int, classes: int) -> None:
+        super().__init__()
+        self.label, self.classes = label, classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(x), self.classes)
+        out[:, self.label] = 10.0
+        return out
+
+
+def test_the_gate_judges_the_served_answers_not_each_member(lab: Lab) -> None:
+    """Under the GoodNet policy a wrecked badnet member changes no served answer, so the
+    served accuracy alone would pass it; it fails on the images it flags. Under the reject
+    policy the same pair's served accuracy collapses."""
+    bad, good = load_bundle(lab.badnet), load_bundle(lab.goodnet)
+    spec = good.manifest.input
+    gate = _valid()
+    wrecked = _Always(label=(TARGET + 1) % 4, classes=4)
+    before = {"badnet": bad.model, "goodnet": good.model}
+    after = {"badnet": wrecked, "goodnet": good.model}
+    metrics, passed = gate_round(before, after, gate, spec, replace(TINY, ca_drop=0.0))
+    served, flagged = metrics["served clean accuracy"], metrics["clean images flagged suspect"]
+    assert served["after"] == served["before"] > 0.5  # the goodnet answers either way
+    assert flagged["after"] > 0.5 > flagged["before"]
+    assert not passed  # more than 10% of clean images would be quarantined
+    lenient = replace(TINY, ca_drop=0.0, max_clean_suspect=100.0)
+    assert gate_round(before, after, gate, spec, lenient)[1]
+    rejecting = replace(lenient, policy="reject")
+    metrics, passed = gate_round(before, after, gate, spec, rejecting)
+    assert metrics["served clean accuracy"]["after"] < 0.5 and not passed
+    with pytest.raises(UserError, match="unknown policy 'vote'"):
+        replace(TINY, policy="vote").validate()
 
 
 def test_a_crash_fails_the_round_and_the_next_one_can_run(
