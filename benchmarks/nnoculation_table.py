@@ -384,7 +384,7 @@ def one_run(
                 print(f"  no swap to round {k}: {exc}", flush=True)
                 with sessions() as s:
                     result["rounds"].append(
-                        {"round": k, "status": "no swap"}
+                        {"round": k, "status": "no swap", "reason": str(exc)}
                         | {
                             "store_rounds": {
                                 r.round: r.status for r in list_rounds(session=s) if r.round >= k
@@ -396,6 +396,7 @@ def one_run(
             result["rounds"].append(round_record(sessions, store, k, traffic, keys))
             print(f"  round {k}: {result['rounds'][-1]}", flush=True)
             result["stages"].append(stage(k))
+    result["run"] = {k: v for k, v in provenance().items() if k in ("date", "commit")}
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -409,6 +410,16 @@ def run(
     resume: bool,
 ) -> dict[str, Any]:
     started = provenance()
+    published = RESULTS_DIR / f"{NAME}.json"
+    earlier = (
+        {
+            k: v
+            for k, v in json.loads(published.read_text())["provenance"].items()
+            if k in ("date", "commit")
+        }
+        if resume and published.exists()
+        else None
+    )
     _, data, threads = defender_data("valid", "stream", "heldout")
     stream = data["stream"].x
 
@@ -416,7 +427,9 @@ def run(
         saved = opts.work / label / "result.json"
         if resume and saved.exists():
             print(f"== {label}: kept from {saved}", flush=True)
-            return json.loads(saved.read_text())
+            kept = json.loads(saved.read_text())
+            kept.setdefault("run", earlier)  # runs from before rows carried their own
+            return kept
         r0 = opts.work / reuse / "round0.db" if reuse else None
         if r0 is not None and not r0.exists():
             r0 = None  # no earlier round 0 to reuse: prepare one
@@ -477,7 +490,10 @@ def checks(rows: list[dict[str, Any]]) -> dict[str, bool]:
         "final_asr_at_most_2": bool(rows) and all(final(r)["asr"] <= ASR_GOAL for r in rows),
         "ca_drop_at_most_2": bool(rows)
         and all(100 * (r["stages"][0]["ca"] - final(r)["ca"]) <= CA_DROP_GOAL for r in rows),
-        "no_request_failed": all(rd.get("errors", 1) == 0 for r in rows for rd in r["rounds"]),
+        # a round that was never swapped in has no swap to count failures over
+        "no_request_failed": all(
+            rd["errors"] == 0 for r in rows for rd in r["rounds"] if "errors" in rd
+        ),
     }
 
 
@@ -579,6 +595,27 @@ def _asr(stage: dict[str, Any], firing: Sequence[str]) -> str:
     return f"{_pct(stage['asr'])} {{{each}}}"
 
 
+def _runs_line(data: dict[str, Any]) -> list[str]:
+    """Which commit ran which row, when ``--resume`` kept rows from an earlier run."""
+    runs: dict[str, list[str]] = {}
+    for r in [*data["rows"], *data["sweep"], *([data["sequential"]] if data["sequential"] else [])]:
+        run = r.get("run") or data["provenance"]
+        runs.setdefault(f"commit `{run['commit']}`, {run['date']}", []).append(r["label"])
+    this = f"commit `{data['provenance']['commit']}`, {data['provenance']['date']}"
+    if list(runs) == [this]:
+        return []
+    return [
+        "Rows by the run that measured them (`--resume` keeps earlier runs' rows): "
+        + "; ".join(f"{', '.join(labels)}: {when}" for when, labels in runs.items())
+        + ".",
+        "",
+    ]
+
+
+def _no_swap_reason(rd: dict[str, Any]) -> str:
+    return str(rd.get("reason") or f"rounds in the store: {rd.get('store_rounds')}")
+
+
 def _first_round(r: dict[str, Any]) -> dict[str, Any]:
     return dict(r["rounds"][0]) if r["rounds"] else {"status": "not run"}
 
@@ -621,7 +658,8 @@ def render(data: dict[str, Any]) -> str:
             _asr(st[1], firing),
         ]
         if post is None:
-            cells += [f"no round 1 ({rd['status']})", "-", "-", "-", "-", "-", "-", "-"]
+            why = _no_swap_reason(rd)
+            cells += [f"no round 1 ({why})", "-", "-", "-", "-", "-", "-", "-"]
         else:
             cells += [
                 _pct(post["ca"]),
@@ -642,6 +680,7 @@ def render(data: dict[str, Any]) -> str:
         "",
         checks_line(data["checks"]),
         "",
+        *_runs_line(data),
     ]
     misses = [r for r in rows if len(r["stages"]) > 2 and final(r)["asr"] > ASR_GOAL]
     if misses:
@@ -745,7 +784,7 @@ def _render_sequential(data: dict[str, Any]) -> list[str]:
         )
     for rd in r["rounds"]:
         if rd.get("status") == "no swap":
-            lines.append(f"\nRound {rd['round']} was not swapped in: {rd.get('store_rounds')}.")
+            lines.append(f"\nRound {rd['round']} was not swapped in: {_no_swap_reason(rd)}.")
     return [*lines, ""]
 
 
