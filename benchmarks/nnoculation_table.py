@@ -411,15 +411,16 @@ def run(
 ) -> dict[str, Any]:
     started = provenance()
     published = RESULTS_DIR / f"{NAME}.json"
-    earlier = (
-        {
-            k: v
-            for k, v in json.loads(published.read_text())["provenance"].items()
-            if k in ("date", "commit")
-        }
-        if resume and published.exists()
-        else None
-    )
+    earlier: dict[str, Any] = {}  # label -> the run that measured the published row
+    if resume and published.exists():
+        before = json.loads(published.read_text())
+        for r in [
+            *before["rows"],
+            *before["sweep"],
+            *([before["sequential"]] if before["sequential"] else []),
+        ]:
+            when = r.get("run") or before["provenance"]
+            earlier[r["label"]] = {k: when[k] for k in ("date", "commit")}
     _, data, threads = defender_data("valid", "stream", "heldout")
     stream = data["stream"].x
 
@@ -428,7 +429,9 @@ def run(
         if resume and saved.exists():
             print(f"== {label}: kept from {saved}", flush=True)
             kept = json.loads(saved.read_text())
-            kept.setdefault("run", earlier)  # runs from before rows carried their own
+            if "run" not in kept:  # measured before rows carried their own run
+                kept["run"] = earlier.get(label)
+                saved.write_text(json.dumps(kept, indent=2) + "\n")
             return kept
         r0 = opts.work / reuse / "round0.db" if reuse else None
         if r0 is not None and not r0.exists():
@@ -712,7 +715,10 @@ def render(data: dict[str, Any]) -> str:
             "",
         ]
         for label, names in figs["triggers"].items():
-            lines += [f"![{label} {n.rsplit('_', 1)[-1]}](results/{n})" for n in names]
+            lines += [
+                f"![{label}, {n.removeprefix(f'{NAME}_{label}_').removesuffix('.png')}](results/{n})"
+                for n in names
+            ]
         lines.append("")
     return "\n".join(lines)
 

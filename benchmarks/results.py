@@ -47,7 +47,17 @@ def git_commit() -> str:
             check=True,
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # the results the benchmarks write themselves do not make the code dirty
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":!docs/results",
+                ":!docs/RESULTS.md",
+            ],
             cwd=ROOT,
             capture_output=True,
             text=True,
