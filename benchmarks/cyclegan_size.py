@@ -151,8 +151,8 @@ def choose(data: dict[str, Any]) -> dict[str, Any]:
             )
             ok = ok and (
                 s["succeeded"] == s["runs"]
-                and s["asr"] <= best + ASR_SLACK
-                and 100 * (attack["badnet_ca"] - s["ca"]) <= CA_DROP_MAX
+                and s["asr"] <= best + ASR_SLACK + 1e-12
+                and 100 * (attack["badnet_ca"] - s["ca"]) <= CA_DROP_MAX + 1e-9
             )
         repairs[label] = ok
     seconds = {
