@@ -58,6 +58,7 @@ from gateway.demo import Traffic, stream_until_swap
 from gateway.ensemble import GoodNetPolicy, decide_batch
 from gateway.follower import load_round_pair
 from trainer.attacks.poison import Attack, TriggerGroup, attack_success_rates, attacker_stream
+from trainer.cyclegan import DEFAULT_PRESET
 from trainer.data import Dataset
 from trainer.lab import attack_of
 from trainer.prepare import PrepareConfig, prepare_round_zero
@@ -805,7 +806,7 @@ def main() -> None:
     parser.add_argument("--sequential", default="multi-target", help="'' to skip")
     parser.add_argument("--prepare", choices=["grid", "one"], default="grid")
     parser.add_argument("--threshold", type=int, default=200, help="N: pending samples a round")
-    parser.add_argument("--preset", default="small", help="CycleGAN preset")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, help="CycleGAN preset")
     parser.add_argument("--timeout", type=float, default=1500.0, help="seconds to wait a swap")
     parser.add_argument("--resume", action="store_true", help="keep runs whose result exists")
     args = parser.parse_args()

@@ -43,7 +43,7 @@ from core.quarantine import NewSample, active_round, add_samples
 from gateway.ensemble import GoodNetPolicy, decide_batch
 from gateway.follower import load_pair
 from trainer.attacks.poison import TriggerGroup, attacker_stream, firing_success_rate
-from trainer.cyclegan import PRESETS
+from trainer.cyclegan import DEFAULT_PRESET, PRESETS
 from trainer.data import Dataset
 from trainer.lab import attack_of
 from trainer.loop import accuracy
@@ -261,7 +261,7 @@ def main() -> None:
     )
     parser.add_argument("--zoo", type=Path, default=Path("var/zoo"))
     parser.add_argument("--attacks", nargs="+", default=DEFAULT_ATTACKS)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET)
     parser.add_argument("--epochs", type=int, default=None, help="CycleGAN epochs (preset's)")
     parser.add_argument(
         "--quick-prepare", action="store_true", help="round 0 from one candidate, not the grid"

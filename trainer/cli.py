@@ -486,7 +486,10 @@ def _repair_cfg(
 
 PresetOpt = Annotated[
     str | None,
-    typer.Option(help="CycleGAN size: small (default, minutes on a CPU) or paper (Appendix A.3)."),
+    typer.Option(
+        help="CycleGAN size: compact (default, about a minute on 2 CPU cores), small, or "
+        "paper (Appendix A.3, hours on a CPU)."
+    ),
 ]
 
 

@@ -61,7 +61,7 @@ from core.quarantine import (
 )
 from gateway.ensemble import ModelPair, Policy, make_policy
 from gateway.follower import load_pair, load_round_pair
-from trainer.cyclegan import PRESETS, CycleGANConfig, train_cyclegan, translate
+from trainer.cyclegan import DEFAULT_PRESET, PRESETS, CycleGANConfig, train_cyclegan, translate
 from trainer.data import Dataset
 from trainer.loop import FitConfig, accuracy, distilled_targets, fit
 from trainer.prepare import check_validation, split_validation
@@ -72,7 +72,7 @@ Progress = Callable[[str], None]
 
 @dataclass
 class RepairConfig:
-    cyclegan: CycleGANConfig = field(default_factory=lambda: PRESETS["small"])
+    cyclegan: CycleGANConfig = field(default_factory=lambda: PRESETS[DEFAULT_PRESET])
     clean_images: int = 500  # domain A: clean validation images for the CycleGAN
     max_samples: int | None = None  # quarantined images used; None takes every pending one
     min_samples: int = 1

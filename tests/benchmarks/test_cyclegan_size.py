@@ -21,6 +21,7 @@ def _result(asr: float, ca: float, seconds: float, ok: bool = True) -> dict[str,
 
 
 def test_the_smallest_configuration_within_a_point_of_the_best_is_chosen() -> None:
+    """Smallest: fewest generator parameters, then fewest epochs; among those that repair."""
     data = {
         "attacks": [{"attack": "patch", "badnet_ca": 0.92}, {"attack": "blend", "badnet_ca": 0.91}],
         "results": {
@@ -37,6 +38,13 @@ def test_the_smallest_configuration_within_a_point_of_the_best_is_chosen() -> No
             },
         },
     }
+    data["configs"] = {
+        "tiny": {"generator_params": 10, "epochs": 5},
+        "mid": {"generator_params": 200, "epochs": 5},
+        "big": {"generator_params": 200, "epochs": 10},
+        "cheap but costly in CA": {"generator_params": 10, "epochs": 10},
+        "a seed failed": {"generator_params": 50, "epochs": 10},
+    }
     choice = choose(data)
     assert choice["repairs"] == {
         "tiny": False,  # 25 points above the best on patch
@@ -45,5 +53,5 @@ def test_the_smallest_configuration_within_a_point_of_the_best_is_chosen() -> No
         "cheap but costly in CA": False,  # 7 points below the BadNet
         "a seed failed": False,
     }
-    assert choice["smallest"] == "mid"
+    assert choice["smallest"] == "mid"  # fewer parameters than big's, or as many and fewer epochs
     assert choice["cyclegan_seconds"]["big"] == 80

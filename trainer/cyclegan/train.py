@@ -12,8 +12,11 @@ not, which is the attacker's trigger. Losses, with G = gen_ab, F = gen_ba:
 - Adam, lr 2e-4, beta1 0.5, constant for the first half of the epochs, then linear to 0.
 
 The paper's full size (ngf 64, 9 residual blocks, 200 epochs, batch 1) takes hours on a
-CPU; ``PRESETS["small"]`` is the default measured to still recover the trigger (see
-docs/RESULTS.md, benchmarks/repair_round.py).
+CPU. ``DEFAULT_PRESET`` ("compact": ngf 8, 1 residual block, 10 epochs) is the smallest
+configuration measured to repair as well as any larger one: on the patch and blend BadNets
+it left the lowest ASR of the five sizes tried, in about half the time of "small" (ngf 16,
+2 blocks), the default before it (docs/RESULTS.md, "CycleGAN size and epoch budget",
+``python -m benchmarks.cyclegan_size``).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class CycleGANConfig:
 
 
 PRESETS: dict[str, CycleGANConfig] = {
+    "compact": CycleGANConfig(ngf=8, ndf=8, n_blocks=1),
     "small": CycleGANConfig(),
     # seconds, for tests and smoke runs; too small to learn a real trigger
     "tiny": CycleGANConfig(ngf=8, ndf=8, n_blocks=1, epochs=2, batch_size=16),
@@ -65,6 +69,8 @@ PRESETS: dict[str, CycleGANConfig] = {
         ngf=64, ndf=64, n_blocks=9, disc_layers=3, epochs=200, batch_size=1, lambda_identity=0.5
     ),
 }
+
+DEFAULT_PRESET = "compact"
 
 
 class ImagePool:
@@ -143,7 +149,7 @@ def train_cyclegan(
     on_epoch: Callable[[dict[str, float]], None] = lambda record: None,
 ) -> CycleGANResult:
     """Train gen_ab (A -> B), gen_ba, disc_a, disc_b on uint8 images (N, H, W, C)."""
-    cfg = cfg or PRESETS["small"]
+    cfg = cfg or PRESETS[DEFAULT_PRESET]
     cfg.validate()
     _check_domains(a, b)
     torch.manual_seed(cfg.seed)
