@@ -33,19 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.repair_round import ONE_CANDIDATE, collect, store_quarantine
+from benchmarks.repair_round import ONE_CANDIDATE, round_zero_and_quarantine
 from benchmarks.results import RESULTS_DIR, checks_line, defender_data, provenance, publish
 from core.bundle import load_bundle
 from core.db import open_store, session_factory
 from core.errors import UserError
-from core.quarantine import active_round
-from gateway.follower import load_pair
 from trainer.attacks.poison import firing_success_rate
 from trainer.cyclegan import DEFAULT_PRESET, PRESETS, CycleGANConfig
 from trainer.cyclegan.models import ResnetGenerator
 from trainer.lab import attack_of
 from trainer.loop import accuracy
-from trainer.prepare import prepare_round_zero
 from trainer.repair import RepairConfig, run_repair_round
 
 NAME = "cyclegan_size"
@@ -69,23 +66,9 @@ def base_store(name: str, zoo: Path, data: dict[str, Any], root: Path) -> dict[s
     """Round 0 and the shared quarantine for one attack, in ``root``."""
     zoo_dir = zoo / name
     suspect = load_bundle(zoo_dir)
-    sessions = session_factory(open_store(f"sqlite:///{root / 'q.db'}"))
-    prepare_round_zero(
-        suspect_dir=zoo_dir,
-        suspect=suspect,
-        valid=data["valid"],
-        cfg=ONE_CANDIDATE,
-        sessions=sessions,
-        store=root,
-    )
-    with sessions() as s:
-        info = active_round(session=s)
-        assert info is not None
-        pair = load_pair(info)
     attack = attack_of(zoo_dir)
     assert attack is not None
-    q = collect(pair, data["stream"], attack.firing)
-    store_quarantine(sessions, q)
+    _, pair, q = round_zero_and_quarantine(zoo_dir, data, ONE_CANDIDATE, root)
     heldout = data["heldout"]
     spec = suspect.manifest.input
     return {

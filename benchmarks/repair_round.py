@@ -116,30 +116,39 @@ def store_quarantine(sessions: Any, q: dict[str, Any]) -> None:
 ONE_CANDIDATE = PrepareConfig(alphas=(2.0,), gammas=(0.3,), ca_drop=100.0)
 
 
+def round_zero_and_quarantine(
+    zoo_dir: Path, data: dict[str, Dataset], prep: PrepareConfig, store: Path
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Round 0 from ``prepare`` in ``store`` (SQLite ``q.db``), then ``collect``'s quarantine
+    stored as the gateway's writer would: (sessions, round 0's pair, the quarantine)."""
+    sessions = session_factory(open_store(f"sqlite:///{store / 'q.db'}"))
+    prepare_round_zero(
+        suspect_dir=zoo_dir,
+        suspect=load_bundle(zoo_dir),
+        valid=data["valid"],
+        cfg=prep,
+        sessions=sessions,
+        store=store,
+    )
+    with sessions() as s:
+        info = active_round(session=s)
+        assert info is not None
+        pair = load_pair(info)
+    attack = attack_of(zoo_dir)
+    assert attack is not None
+    q = collect(pair, data["stream"], attack.firing)
+    store_quarantine(sessions, q)
+    return sessions, pair, q
+
+
 def one_attack(
     name: str, zoo: Path, data: dict[str, Dataset], cfg: RepairConfig, prep: PrepareConfig
 ) -> dict[str, Any]:
     zoo_dir = zoo / name
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp)
-        sessions = session_factory(open_store(f"sqlite:///{store / 'q.db'}"))
-        prepare_round_zero(
-            suspect_dir=zoo_dir,
-            suspect=load_bundle(zoo_dir),
-            valid=data["valid"],
-            cfg=prep,
-            sessions=sessions,
-            store=store,
-        )
-        with sessions() as s:
-            info = active_round(session=s)
-            assert info is not None
-            pair = load_pair(info)
-        attack = attack_of(zoo_dir)
-        assert attack is not None
-        q = collect(pair, data["stream"], attack.firing)
+        sessions, pair, q = round_zero_and_quarantine(zoo_dir, data, prep, store)
         kept = confident_mask(pair.badnet, q["images"], cfg.min_score)
-        store_quarantine(sessions, q)
         start = time.perf_counter()
         outcome = run_repair_round(
             sessions=sessions,
@@ -216,7 +225,7 @@ def render(data: dict[str, Any]) -> str:
         f"Round 0 from `prepare` ({data['prepare']}); the quarantine is the first {QUARANTINE} distinct "
         "disagreements of the stream split with 10% triggered inputs, decided by the gateway's ensemble code; round 1 is "
         f"`run_repair_round` (what the watcher runs) with the CycleGAN at ngf {g['ngf']}, ndf {g['ndf']}, {g['n_blocks']} "
-        f"residual blocks, {g['epochs']} epochs, batch {g['batch_size']}, and {data['repair']['epochs']} fine-tuning epochs; "
+        f"residual block{'s' if g['n_blocks'] != 1 else ''}, {g['epochs']} epochs, batch {g['batch_size']}, and {data['repair']['epochs']} fine-tuning epochs; "
         f"it learns from the quarantined images the suspect answers with confidence >= {data['repair']['min_score']:g} "
         "(kept). "
         "CA and ASR on the 5,000-image held-out split. The gateway answers with the GoodNet's label whenever the models "
