@@ -21,8 +21,9 @@ from numpy.typing import NDArray
 from PIL import Image
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from core.db import transaction
 from core.errors import UserError
 from core.images import encode_png
 from core.schema import (
@@ -426,21 +427,43 @@ def expire_stale_rounds(
     return expired
 
 
+# Any fixed 64-bit number: PostgreSQL's advisory lock that claimers of a round queue for.
+CLAIM_LOCK = 0x6271_6700_C1A1  # "bqg" claim
+
+
 def claim_round(
     *, session: Session, owner: str, lease: timedelta, round_no: int | None = None
 ) -> int | None:
     """Open the next round (or ``round_no``) for ``owner``, unless another one is running.
 
     The database is the lock: a running round with a fresh heartbeat means someone else
-    holds the lease (None is returned), and two claimers racing for the same number collide
-    on the round's primary key, so only one commits. Stale running rounds are failed first.
+    holds the lease (None is returned). Claimers queue for the check-and-open: SQLite's
+    ``BEGIN IMMEDIATE`` serialises writers, and on PostgreSQL a transaction-scoped advisory
+    lock does, since under READ COMMITTED each statement sees a fresh snapshot and two
+    claimers would otherwise both find nothing running and open two rounds (a race that
+    ``test_racing_claimers_get_one_round_and_the_others_a_clean_no`` showed). Stale running
+    rounds are failed first.
     """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK)))
     expire_stale_rounds(session=session, lease=lease)
     if running_rounds(session=session):
         return None
     number = next_round_number(session=session) if round_no is None else round_no
     open_round(session=session, round_no=number, owner=owner)
     return number
+
+
+def try_claim_round(
+    sessions: sessionmaker[Session],
+    *,
+    owner: str,
+    lease: timedelta,
+    round_no: int | None = None,
+) -> int | None:
+    """``claim_round`` in a transaction of its own, committed before it returns."""
+    with transaction(sessions) as session:
+        return claim_round(session=session, owner=owner, lease=lease, round_no=round_no)
 
 
 def heartbeat(*, session: Session, round_no: int, owner: str) -> bool:

@@ -11,6 +11,8 @@ import time
 from typing import Any
 
 import numpy as np
+import pytest
+from sqlalchemy import Engine, text
 
 from core.db import make_engine, session_factory, transaction
 from core.quarantine import NewSample, activate_round
@@ -18,6 +20,31 @@ from core.quarantine import NewSample, activate_round
 POSTGRES_URL = os.environ.get(
     "BQG_TEST_POSTGRES_URL", "postgresql+psycopg://bqg:bqg@127.0.0.1:5432/bqg_test"
 )
+TABLES = ("active_round", "model_version", "quarantine_sample", "repair_round", "spool_segment")
+
+
+def postgres_or_skip() -> str:
+    """The test server's URL; skips without one, but fails under CI, which starts one."""
+    engine = make_engine(POSTGRES_URL)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # any failure to connect means: no server here
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL must run in CI but is unreachable at {POSTGRES_URL}: {exc}")
+        pytest.skip(
+            f"no PostgreSQL server reachable at {POSTGRES_URL} (start one: pg_ctlcluster 15 main start)"
+        )
+    finally:
+        engine.dispose()
+    return POSTGRES_URL
+
+
+def empty_tables(engine: Engine) -> None:
+    """Delete every row of the store's tables (the PostgreSQL test database is shared)."""
+    with engine.begin() as conn:
+        for table in TABLES:
+            conn.execute(text(f"DELETE FROM {table}"))
 
 
 def image(seed: int, shape: tuple[int, int, int] = (28, 28, 1)) -> np.ndarray:

@@ -25,10 +25,10 @@ from core.errors import UserError
 from core.quarantine import (
     activate_round,
     active_round_number,
-    claim_round,
     list_rounds,
     pending_count,
     prune_consumed,
+    try_claim_round,
 )
 from core.settings import Settings
 from trainer.attacks.poison import ATTACKS, Attack, build_attack
@@ -550,8 +550,7 @@ def retrain_cmd(
     data = _load(settings.valid, settings, "valid")
     owner = f"trainer retrain ({getpass_user()})"
     lease = timedelta(seconds=settings.repair_lease_seconds)
-    with transaction(sessions) as session:
-        claimed = claim_round(session=session, owner=owner, lease=lease, round_no=round_no)
+    claimed = try_claim_round(sessions, owner=owner, lease=lease, round_no=round_no)
     if claimed is None:
         raise UserError("another round is running now (see 'trainer status'); try again after it")
     outcome = run_claimed_round(

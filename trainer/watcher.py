@@ -26,7 +26,7 @@ from datetime import timedelta
 from typing import Any
 
 from core.db import make_engine, session_factory, transaction
-from core.quarantine import claim_round, heartbeat, pending_count
+from core.quarantine import heartbeat, pending_count, try_claim_round
 from core.settings import Settings
 from gateway.metrics import PENDING, REPAIR_ROUNDS, REPAIR_SECONDS, WATCHER_EXPORTED
 from trainer.repair import RepairConfig, repair_config
@@ -140,8 +140,7 @@ class Watcher:
         if pending < self.settings.quarantine_threshold or time.monotonic() < self._retry_at:
             return result
         lease = timedelta(seconds=self.settings.repair_lease_seconds)
-        with transaction(self.sessions) as session:
-            round_no = claim_round(session=session, owner=self.owner, lease=lease)
+        round_no = try_claim_round(self.sessions, owner=self.owner, lease=lease)
         if round_no is None:
             return result  # another watcher (or an operator) is running a round
         log.warning("%d samples pending: starting repair round %d", pending, round_no)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import (
@@ -42,41 +42,26 @@ from core.quarantine import (
     register_model,
     replay_segment,
     take_pending,
+    try_claim_round,
 )
 from core.schema import ActiveRound, QuarantineSample
 from tests.store_helpers import (
-    POSTGRES_URL,
+    TABLES,
+    empty_tables,
     flip_active,
     image,
+    postgres_or_skip,
     sample,
     watch_active,
     write_samples,
 )
-
-TABLES = ("active_round", "model_version", "quarantine_sample", "repair_round", "spool_segment")
-
-
-def _postgres_or_skip() -> str:
-    engine = make_engine(POSTGRES_URL)
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:  # any failure to connect means: no server here
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL must run in CI but is unreachable at {POSTGRES_URL}: {exc}")
-        pytest.skip(
-            f"no PostgreSQL server reachable at {POSTGRES_URL} (start one: pg_ctlcluster 15 main start)"
-        )
-    finally:
-        engine.dispose()
-    return POSTGRES_URL
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path_factory.mktemp('store') / 'quarantine.db'}"
-    return _postgres_or_skip()
+    return postgres_or_skip()
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +73,7 @@ def engine(url: str) -> Iterator[Engine]:
 
 @pytest.fixture
 def sessions(engine: Engine) -> sessionmaker[Session]:
-    with engine.begin() as conn:  # every test starts from empty tables
-        for table in TABLES:
-            conn.execute(text(f"DELETE FROM {table}"))
+    empty_tables(engine)  # every test starts from empty tables
     return session_factory(engine)
 
 
@@ -408,3 +391,34 @@ def test_bad_urls_and_unreachable_databases(tmp_path: Path) -> None:
     blocker.touch()  # a file where the database's directory would have to be
     with pytest.raises(StoreError, match="cannot reach database sqlite"):
         open_store(f"sqlite:///{blocker}/inside/q.db")
+
+
+def test_racing_claimers_get_one_round_and_the_others_a_clean_no(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Eight claimers at once, twenty times: each race opens exactly one round, and every
+    loser is told no (None), never an error from the database."""
+    import threading
+
+    lease = timedelta(seconds=60)
+    for race in range(20):
+        barrier = threading.Barrier(8)
+        results: list[object] = []
+
+        def claim(i: int, barrier: threading.Barrier = barrier, results: list = results) -> None:
+            barrier.wait()
+            try:
+                results.append(try_claim_round(sessions, owner=f"claimer {i}", lease=lease))
+            except Exception as exc:  # the test reports it below
+                results.append(exc)
+
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        errors = [r for r in results if isinstance(r, Exception)]
+        assert not errors, f"race {race}: {errors[0]!r}"
+        assert sorted(results, key=str) == [race] + [None] * 7, f"race {race}: {results}"
+        with transaction(sessions) as s:  # the winner's round ends; the next race opens one more
+            fail_round(session=s, round_no=race, error="test")

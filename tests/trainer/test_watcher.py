@@ -25,6 +25,7 @@ from tests.conftest import (
     quarantine_images,
     run_cli,
 )
+from tests.store_helpers import empty_tables, postgres_or_skip
 from trainer.cyclegan import CycleGANConfig
 from trainer.data import save_npz
 from trainer.repair import RepairConfig
@@ -39,10 +40,14 @@ TINY = RepairConfig(
 
 
 def _setup(
-    tmp_path: Path, lab: Lab, samples: int, **settings: Any
+    tmp_path: Path, lab: Lab, samples: int, *, url: str | None = None, **settings: Any
 ) -> tuple[Settings, sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'q.db'}"
-    sessions = session_factory(open_store(url))
+    """Round 0 active and ``samples`` pending, in SQLite unless ``url`` names a database,
+    which is emptied first."""
+    url = url or f"sqlite:///{tmp_path / 'q.db'}"
+    engine = open_store(url)
+    empty_tables(engine)
+    sessions = session_factory(engine)
     publish_pair(sessions, tmp_path, 0, lab.badnet, lab.goodnet, activate=True)
     quarantine_images(sessions, lab.triggered[:samples])
     save_npz(make_blobs(200, shape=SHAPE, classes=4, seed=21), tmp_path / "valid.npz")
@@ -83,21 +88,29 @@ def test_below_the_threshold_nothing_runs(tmp_path: Path, lab: Lab) -> None:
         assert [r.round for r in list_rounds(session=s)] == [0]
 
 
-def test_two_watchers_against_one_database_start_one_round(tmp_path: Path, lab: Lab) -> None:
-    settings, sessions = _setup(tmp_path, lab, 20)
-    watchers = [Watcher(settings, TINY, use_ray=False, owner=f"w{i}") for i in range(2)]
-    results: list[Any] = [None, None]
-    barrier = threading.Barrier(2)
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_watchers_against_one_database_start_one_round(
+    tmp_path: Path, lab: Lab, database: str
+) -> None:
+    url = postgres_or_skip() if database == "postgresql" else None
+    settings, sessions = _setup(tmp_path, lab, 20, url=url)
+    watchers = [Watcher(settings, TINY, use_ray=False, owner=f"w{i}") for i in range(4)]
+    results: list[Any] = [None] * len(watchers)
+    barrier = threading.Barrier(len(watchers))
 
     def go(i: int) -> None:
         barrier.wait()
-        results[i] = watchers[i].poll_once()
+        try:
+            results[i] = watchers[i].poll_once()
+        except Exception as exc:  # asserted below: a losing watcher must not crash
+            results[i] = exc
 
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(watchers))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
+    assert not [r for r in results if isinstance(r, Exception)], results
     ran = [r for r in results if r.round is not None]
     assert len(ran) == 1 and ran[0].status == "succeeded"
     with sessions() as s:
