@@ -1,6 +1,6 @@
 """The smallest CycleGAN and epoch budget that still repairs (issue 6; NNoculation App. A.3).
 
-    python -m benchmarks.cyclegan_size [--zoo var/zoo] [--attacks patch blend] [--seeds 0 1]
+    python -m benchmarks.cyclegan_size [--zoo var/zoo] [--attacks patch blend multi-trigger combo] [--seeds 0 1]
 
 The paper's CycleGAN (ngf 64, 9 residual blocks, 200 epochs, batch 1) takes hours on a CPU,
 and the time a round takes is the time an attacker keeps winning. For each BadNet named:
@@ -14,7 +14,10 @@ and the time a round takes is the time an attacker keeps winning. For each BadNe
 
 A configuration *repairs* when, on every attack, its mean ASR is within 1 point of the best
 configuration's and its CA within 3 points of the BadNet's. The smallest such (fewest
-generator parameters, then fewest epochs) is the one to make the default.
+generator parameters, then fewest epochs) is the one to make the default. The choice holds
+only for the attacks run: the first run (patch and blend) chose "compact", which then
+failed the multi-trigger and combo BadNets in the NNoculation table, so the default
+attacks now include both.
 
 ``--render`` recomputes the choice and the checks from the saved JSON with this code (for a
 changed rule or default), and says so under the table; it measures nothing.
@@ -248,8 +251,9 @@ def render(data: dict[str, Any]) -> str:
         )
         + ".",
         "",
-        f"Smallest configuration that repairs (fewest generator parameters, then epochs): "
-        f"{choice['smallest'] or 'none'}. The default preset: `{data['default_preset']}`.",
+        f"Smallest configuration that repairs (fewest generator parameters, then epochs), on "
+        f"{', '.join(names)} only: {choice['smallest'] or 'none'}. The default preset: "
+        f"`{data['default_preset']}`.",
         "",
         checks_line(data["checks"]),
         "",
@@ -269,7 +273,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--zoo", type=Path, default=Path("var/zoo"))
-    parser.add_argument("--attacks", nargs="+", default=["patch", "blend"])
+    parser.add_argument(
+        "--attacks", nargs="+", default=["patch", "blend", "multi-trigger", "combo"]
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--work", type=Path, default=Path("var/cyclegan_size"))
     parser.add_argument(

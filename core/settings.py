@@ -85,8 +85,8 @@ class Settings(BaseSettings):
         default=None, ge=0, description="GPUs for the repair task; default: 1 if Ray has one."
     )
     repair_preset: str = Field(
-        default="compact",
-        description="CycleGAN size preset for repair rounds: compact (the default), small, "
+        default="small",
+        description="CycleGAN size preset for repair rounds: small (the default), compact, "
         "tiny (smoke tests) or paper.",
     )
     repair_min_score: float = Field(

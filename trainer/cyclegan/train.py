@@ -12,11 +12,13 @@ not, which is the attacker's trigger. Losses, with G = gen_ab, F = gen_ba:
 - Adam, lr 2e-4, beta1 0.5, constant for the first half of the epochs, then linear to 0.
 
 The paper's full size (ngf 64, 9 residual blocks, 200 epochs, batch 1) takes hours on a
-CPU. ``DEFAULT_PRESET`` ("compact": ngf 8, 1 residual block, 10 epochs) is the smallest
-configuration measured to repair as well as any larger one: on the patch and blend BadNets
-it left the lowest ASR of the five sizes tried, in about half the time of "small" (ngf 16,
-2 blocks), the default before it (docs/RESULTS.md, "CycleGAN size and epoch budget",
-``python -m benchmarks.cyclegan_size``).
+CPU. ``DEFAULT_PRESET`` is "small" (ngf 16, 2 residual blocks, 10 epochs): through the live
+gateway it repaired all 8 zoo attacks (the NNoculation table in docs/RESULTS.md as of
+commit 155e1e2). "compact" (ngf 8, 1 block) left the lowest ASR on the patch and blend
+BadNets in half the time (``python -m benchmarks.cyclegan_size``), and was the default for
+a while, but in the NNoculation table it failed to learn the multi-trigger and combo
+BadNets' triggers (its gen_ab blurred the images instead): fewer parameters than a mix of
+triggers needs. A size is only as good as the hardest attack it was tried on.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ PRESETS: dict[str, CycleGANConfig] = {
     ),
 }
 
-DEFAULT_PRESET = "compact"
+DEFAULT_PRESET = "small"
 
 
 class ImagePool:
