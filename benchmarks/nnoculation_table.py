@@ -398,6 +398,7 @@ def one_run(
             print(f"  round {k}: {result['rounds'][-1]}", flush=True)
             result["stages"].append(stage(k))
     result["run"] = {k: v for k, v in provenance().items() if k in ("date", "commit")}
+    result["run"]["preset"] = opts.preset
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -430,6 +431,12 @@ def run(
         if resume and saved.exists():
             print(f"== {label}: kept from {saved}", flush=True)
             kept = json.loads(saved.read_text())
+            measured = (kept.get("run") or {}).get("preset", opts.preset)
+            if measured != opts.preset:
+                raise UserError(
+                    f"{saved} was measured with CycleGAN preset {measured!r}, not {opts.preset!r}: "
+                    f"pass --preset {measured} to keep it, or run without --resume"
+                )
             if "run" not in kept:  # measured before rows carried their own run
                 kept["run"] = earlier.get(label)
                 saved.write_text(json.dumps(kept, indent=2) + "\n")
@@ -488,9 +495,12 @@ def final(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def checks(rows: list[dict[str, Any]]) -> dict[str, bool]:
-    repaired = [r for r in rows if len(r["stages"]) > 2]
+    swapped = [r for r in rows if len(r["stages"]) > 2]
     return {
-        "all_attacks_repaired": len(repaired) == len(rows) == len(ATTACKS),
+        "all_attacks_swapped": len(swapped) == len(rows) == len(ATTACKS),
+        # repaired: the round swapped in answers the triggers less often than round 0 did
+        "all_attacks_repaired": len(swapped) == len(rows) == len(ATTACKS)
+        and all(r["stages"][2]["asr"] < r["stages"][1]["asr"] for r in swapped),
         "final_asr_at_most_2": bool(rows) and all(final(r)["asr"] <= ASR_GOAL for r in rows),
         "ca_drop_at_most_2": bool(rows)
         and all(100 * (r["stages"][0]["ca"] - final(r)["ca"]) <= CA_DROP_GOAL for r in rows),
