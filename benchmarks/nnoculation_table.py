@@ -65,6 +65,14 @@ from trainer.prepare import PrepareConfig, prepare_round_zero
 from trainer.repair import repair_config
 
 NAME = "nnoculation_table"
+
+
+def result_name(preset: str) -> str:
+    """The run's name in docs/results: the default preset's table is the headline one, and
+    a run with another preset gets files and a RESULTS.md section of its own."""
+    return NAME if preset == DEFAULT_PRESET else f"{NAME}_{preset}"
+
+
 ATTACKS = [
     "patch",
     "all-to-all",
@@ -412,7 +420,7 @@ def run(
     resume: bool,
 ) -> dict[str, Any]:
     started = provenance()
-    published = RESULTS_DIR / f"{NAME}.json"
+    published = RESULTS_DIR / f"{result_name(opts.preset)}.json"
     earlier: dict[str, Any] = {}  # label -> the run that measured the published row
     if resume and published.exists():
         before = json.loads(published.read_text())
@@ -513,6 +521,7 @@ def checks(rows: list[dict[str, Any]]) -> dict[str, bool]:
 
 def figures(data: dict[str, Any]) -> dict[str, Any]:
     """The PNGs: ASR per stage, quarantine rate over the stream, the sweep, the triggers."""
+    base = result_name(data["preset"])
     import matplotlib
 
     matplotlib.use("Agg")
@@ -535,7 +544,7 @@ def figures(data: dict[str, Any]) -> dict[str, Any]:
         ax.set_yscale("symlog", linthresh=2)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        out["asr"] = _save(fig, f"{NAME}_asr.png")
+        out["asr"] = _save(fig, f"{base}_asr.png")
         curves = [(r["label"], c) for r in rows for c in r["curves"][:1]]
         if curves:
             cols = 4
@@ -554,7 +563,7 @@ def figures(data: dict[str, Any]) -> dict[str, Any]:
             for ax in list(axes.flat)[len(curves) :]:
                 ax.axis("off")
             fig.tight_layout()
-            out["quarantine_rate"] = _save(fig, f"{NAME}_quarantine_rate.png")
+            out["quarantine_rate"] = _save(fig, f"{base}_quarantine_rate.png")
     patch10 = [r for r in rows if r["label"] == "patch" and r["poison"] == 0.10]
     points = sorted(
         (r for r in [*sweep, *patch10] if len(r["stages"]) > 2), key=lambda r: r["poison"]
@@ -571,11 +580,11 @@ def figures(data: dict[str, Any]) -> dict[str, Any]:
         ax.set_ylabel("%")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        out["sweep"] = _save(fig, f"{NAME}_sweep.png")
+        out["sweep"] = _save(fig, f"{base}_sweep.png")
     for r in [*rows, *sweep, *([data["sequential"]] if data["sequential"] else [])]:
         for rd in r["rounds"]:
             for src in rd.get("pngs", []):
-                name = f"{NAME}_{r['label']}_round{rd['round']}_{Path(src).name}"
+                name = f"{base}_{r['label']}_round{rd['round']}_{Path(src).name}"
                 if Path(src).exists():
                     shutil.copy(src, RESULTS_DIR / name)
                     out["triggers"].setdefault(r["label"], []).append(name)
@@ -639,9 +648,10 @@ def _firing(r: dict[str, Any]) -> list[str]:
 
 
 def render(data: dict[str, Any]) -> str:
-    rows = data["rows"]
+    rows, base = data["rows"], result_name(data["preset"])
     lines = [
-        "## The NNoculation table through the live gateway (issue 8)",
+        "## The NNoculation table through the live gateway (issue 8)"
+        + ("" if data["preset"] == DEFAULT_PRESET else f", CycleGAN preset `{data['preset']}`"),
         "",
         f"Per attack: round 0 from `prepare` ({data['prepare']}), then a local Ray with the gateway app and the "
         f"repair watcher (`gateway serve`'s code, SQLite store), and the stream split ({data['passes']} passes, each "
@@ -727,7 +737,7 @@ def render(data: dict[str, Any]) -> str:
         ]
         for label, names in figs["triggers"].items():
             lines += [
-                f"![{label}, {n.removeprefix(f'{NAME}_{label}_').removesuffix('.png')}](results/{n})"
+                f"![{label}, {n.removeprefix(f'{base}_{label}_').removesuffix('.png')}](results/{n})"
                 for n in names
             ]
         lines.append("")
@@ -831,7 +841,7 @@ def main() -> None:
         data = run(args.zoo, args.attacks, args.sweep, args.sequential or None, opts, args.resume)
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
-    path = publish(NAME, data, render)
+    path = publish(result_name(args.preset), data, render)
     print(f"wrote {path} and docs/RESULTS.md; checks: {data['checks']}")
 
 
