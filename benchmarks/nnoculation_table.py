@@ -504,10 +504,11 @@ def final(row: dict[str, Any]) -> dict[str, Any]:
 
 def checks(rows: list[dict[str, Any]]) -> dict[str, bool]:
     swapped = [r for r in rows if len(r["stages"]) > 2]
+    all_swapped = len(swapped) == len(rows) == len(ATTACKS)
     return {
-        "all_attacks_swapped": len(swapped) == len(rows) == len(ATTACKS),
+        "all_attacks_swapped": all_swapped,
         # repaired: the round swapped in answers the triggers less often than round 0 did
-        "all_attacks_repaired": len(swapped) == len(rows) == len(ATTACKS)
+        "all_attacks_repaired": all_swapped
         and all(r["stages"][2]["asr"] < r["stages"][1]["asr"] for r in swapped),
         "final_asr_at_most_2": bool(rows) and all(final(r)["asr"] <= ASR_GOAL for r in rows),
         "ca_drop_at_most_2": bool(rows)
@@ -651,7 +652,7 @@ def render(data: dict[str, Any]) -> str:
     rows, base = data["rows"], result_name(data["preset"])
     lines = [
         "## The NNoculation table through the live gateway (issue 8)"
-        + ("" if data["preset"] == DEFAULT_PRESET else f", CycleGAN preset `{data['preset']}`"),
+        + ("" if base == NAME else f", CycleGAN preset `{data['preset']}`"),
         "",
         f"Per attack: round 0 from `prepare` ({data['prepare']}), then a local Ray with the gateway app and the "
         f"repair watcher (`gateway serve`'s code, SQLite store), and the stream split ({data['passes']} passes, each "
