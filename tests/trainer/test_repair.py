@@ -31,7 +31,10 @@ from trainer.repair import (
     RepairConfig,
     confident_mask,
     gate_round,
+    jitter,
+    localized,
     run_repair_round,
+    treat,
     trigger_groups,
 )
 
@@ -117,6 +120,8 @@ def test_a_round_activates_consumes_and_writes_its_trigger(tmp_path: Path, lab: 
     served = outcome.metrics["gate"]["served clean accuracy"]["after"]
     assert served == outcome.metrics["members"]["goodnet"]["after"]  # the GoodNet policy
     assert outcome.metrics["gate_passed"] and 0.0 < served <= 1.0
+    train = round(0.8 * len(_valid()))  # the default gate_fraction holds 20% out
+    assert outcome.metrics["finetune_images"] == 3 * train + 2 * 3 * train  # views, both copies
 
 
 def test_a_failed_gate_rejects_the_round_and_keeps_the_samples(tmp_path: Path, lab: Lab) -> None:
@@ -314,3 +319,76 @@ def test_the_database_lease_lets_one_claimer_in(tmp_path: Path, lab: Lab) -> Non
     with sessions() as s:
         r1 = list_rounds(session=s)[1]
         assert r1.status == "failed" and "lease expired" in (r1.error or "")
+
+
+def _stamp(x: np.ndarray) -> np.ndarray:
+    """A stand-in gen_ab: a white 3x3 patch in the corner, and every other pixel dimmed."""
+    out = (x * 0.8).astype(np.uint8)
+    out[:, -3:, -3:] = 255
+    return out
+
+
+class _Stamp(nn.Module):
+    """The same as a generator module (translate runs it on [-1, 1] tensors); or no change."""
+
+    def __init__(self, stamp: bool = True) -> None:
+        super().__init__()
+        self.stamp = stamp
+        self.unused = nn.Parameter(torch.zeros(1))  # translate reads the device off one
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.stamp:
+            return x
+        out = x * 0.8 - 0.2
+        out[:, :, -3:, -3:] = 1.0
+        return out
+
+
+def test_localized_keeps_the_trigger_and_drops_the_redrawing() -> None:
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 200, (40, 28, 28, 1), dtype=np.uint8)
+    kept = localized(clean, _stamp(clean))
+    assert (kept[:, -3:, -3:] >= 250).all()  # the trigger (its weakest pixel at >= 99%)
+    rest = (slice(None), slice(0, 20), slice(0, 20))  # gen_ab's redrawing, mostly dropped
+    redrawn = np.abs(_stamp(clean)[rest].astype(float) - clean[rest]).mean()
+    assert np.abs(kept[rest].astype(float) - clean[rest]).mean() < 0.1 * redrawn
+
+
+def test_jitter_mirrors_and_shifts_within_bounds() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (64, 28, 28, 1), dtype=np.uint8)
+    out = jitter(x, rng)
+    assert out.shape == x.shape and out.dtype == np.uint8
+    assert not np.array_equal(out, x)
+    centre = slice(2, 26)
+    for a, b in zip(x, out, strict=True):  # each is a mirror and a shift of at most 2 px
+        candidates = [
+            np.roll(img, (dy, dx), axis=(0, 1))[centre, centre]
+            for img in (a, a[:, ::-1])
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+        ]
+        assert any(np.array_equal(c, b[centre, centre]) for c in candidates)
+
+
+@pytest.mark.parametrize(("treatment", "copies"), [("gan", 1), ("masked", 1), ("both", 2)])
+def test_treat_pairs_each_treated_copy_with_its_clean_view(treatment: str, copies: int) -> None:
+    valid = _valid()
+    cfg = replace(TINY, views=3, treatment=treatment)
+    parts = np.array_split(np.arange(len(valid)), 2)
+    gens = [_Stamp(), _Stamp(stamp=False)]  # the second half's changes nothing
+    clean, treated = treat(gens, parts, valid, cfg, np.random.default_rng(0))
+    assert len(clean) == 3 * len(valid) and np.array_equal(clean.x[: len(valid)], valid.x)
+    assert np.array_equal(clean.y, np.tile(valid.y, 3))
+    assert len(treated) == copies * len(clean)  # blocks in the order of clean's views
+    views = np.split(clean.x, 3)
+    for k, block in enumerate(np.split(treated, 3 * copies)):
+        assert (block[parts[0]][:, -3:, -3:] >= 254).all()  # the stamp's trigger, every view
+        assert np.array_equal(block[parts[1]], views[k % 3][parts[1]])  # its own view
+
+
+def test_bad_treatment_settings_are_refused() -> None:
+    with pytest.raises(UserError, match="views must be at least 1"):
+        replace(TINY, views=0).validate()
+    with pytest.raises(UserError, match="treatment must be one of gan, masked, both"):
+        replace(TINY, treatment="paint").validate()
