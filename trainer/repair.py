@@ -63,7 +63,7 @@ from gateway.ensemble import ModelPair, Policy, make_policy
 from gateway.follower import load_pair, load_round_pair
 from trainer.cyclegan import DEFAULT_PRESET, PRESETS, CycleGANConfig, train_cyclegan, translate
 from trainer.data import Dataset
-from trainer.loop import FitConfig, accuracy, distilled_targets, fit
+from trainer.loop import MAX_SHIFT, FitConfig, accuracy, distilled_targets, fit
 from trainer.prepare import check_validation, split_validation
 from trainer.rounds import ROLES, mark_failed, publish_round, running_round
 
@@ -269,8 +269,9 @@ def trigger_groups(
     return [(k, images[labels == k]) for k in big]
 
 
-def jitter(x: np.ndarray, rng: np.random.Generator, shift: int = 2) -> np.ndarray:
-    """Each image mirrored at random and shifted up to ``shift`` pixels (edges repeated)."""
+def jitter(x: np.ndarray, rng: np.random.Generator, shift: int = MAX_SHIFT) -> np.ndarray:
+    """Each image mirrored at random and shifted up to ``shift`` pixels (edges repeated): the
+    fine-tuning's own augmentation (``trainer.loop``), drawn per image rather than per batch."""
     n, h, w, _ = x.shape
     x = np.where(rng.random(n)[:, None, None, None] < 0.5, x[:, :, ::-1], x)
     padded = np.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="edge")
@@ -419,12 +420,10 @@ def run_repair_round(
             gans.append((label, images, gan))
         progress(f"round {round_no}: treating {cfg.views} views of {len(train)} images")
         tune_set, treated = treat([g.gen_ab for _, _, g in gans], parts, train, cfg, rng)
+        tune_images = len(tune_set) + len(treated)
         models, members, tune_seconds = {}, {}, 0.0
         for role in ROLES:
-            progress(
-                f"round {round_no}: fine-tuning the {role} on "
-                f"{len(tune_set) + len(treated)} images"
-            )
+            progress(f"round {round_no}: fine-tuning the {role} on {tune_images} images")
             teacher = bundles["badnet" if cfg.teacher == "suspect" else role]
             models[role], seconds = finetune(bundles[role], tune_set, treated, cfg, teacher)
             tune_seconds += seconds
@@ -450,7 +449,7 @@ def run_repair_round(
             "trigger_groups": [{"suspect_label": k, "images": len(x)} for k, x, _ in gans],
             "finetune_seconds": tune_seconds,
             "trigger_l1": float(np.abs(treated[: len(train)].astype(float) - train.x).mean()),
-            "finetune_images": len(tune_set) + len(treated),
+            "finetune_images": tune_images,
             "config": {k: v for k, v in cfg.to_dict().items() if k != "cyclegan"},
         }
         if not passed:
