@@ -520,6 +520,14 @@ def retrain_cmd(
             "(default $BQG_REPAIR_MIN_SCORE, 0.99; 0 keeps every sample, as the paper does)."
         ),
     ] = None,
+    replay: Annotated[
+        bool,
+        typer.Option(
+            help="Also treat with the triggers earlier rounds learned, so the repair keeps "
+            "them out. --no-replay learns from this round's samples alone (and skips a round "
+            "directory whose learned triggers cannot be read)."
+        ),
+    ] = True,
     db: DbOpt = None,
     store: StoreOpt = None,
 ) -> None:
@@ -530,6 +538,7 @@ def retrain_cmd(
     if round_no < 1:
         raise UserError(f"--round {round_no}: repair rounds are 1 or more (round 0 is 'prepare')")
     cfg = _repair_cfg(settings, preset, ca_drop, min_score)
+    cfg.replay = replay
     sessions = _open_sessions(settings)
     with sessions() as session:
         if active_round_number(session=session) is None:

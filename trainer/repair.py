@@ -12,12 +12,20 @@
    attacker's trigger. When the kept images fall on two or more of the suspect's labels
    with at least ``min_kept`` each (several triggers with several targets), each label gets
    a CycleGAN of its own, and each translates its share of the validation images.
-3. Treatment set: gen_ab(validation images), with the validation labels.
+3. Treatment set: gen_ab(validation images), with the validation labels (see :func:`treat`).
+   The triggers earlier rounds learned are replayed: the active round's directory keeps
+   every gen_ab it treated with (``trainer.cyclegan.files``), and the validation images are
+   shared among those and this round's own. A round fine-tunes only on what it treats, so
+   without replay the sequential attacker's first trigger came back after round 2 (ASR
+   3.5% -> 6.7-8.1%, docs/RESULTS.md, "The sequential attacker").
 4. Fine-tune both models of the active round on the treatment set plus the clean images.
-   Targets mix the label with the suspect member's answer on the *clean* original
-   (distillation, as ``prepare`` does), so the treated copy learns "answer as if the trigger
-   were not there", and the GoodNet learns back the suspect's clean accuracy: on clean
-   images the suspect is the most accurate model we have.
+   Targets mix the label with the original suspect's answer (round 0's badnet) on the
+   *clean* original (distillation, as ``prepare`` does), so the treated copy learns "answer
+   as if the trigger were not there", and the GoodNet learns back the suspect's clean
+   accuracy: on clean images the suspect is the most accurate model we have. Not the active
+   round's badnet member: each fine-tuning costs it clean accuracy (93.0 -> 86.1% on the
+   sequential attacker's gate split after round 1), and a round 2 distilled from it was
+   rejected by its gate.
 5. Gate (DESIGN.md: "clean accuracy on held-out validation data within theta of the round
    it replaces"): the round's clean accuracy is that of the answers clients get, the
    ensemble's under the gateway's policy, on a held-out gate split; it may drop at most
@@ -45,7 +53,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import save_file
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.bundle import Bundle, InputSpec, batched_logits, save_bundle
@@ -62,10 +69,11 @@ from core.quarantine import (
 from gateway.ensemble import ModelPair, Policy, make_policy
 from gateway.follower import load_pair, load_round_pair
 from trainer.cyclegan import DEFAULT_PRESET, PRESETS, CycleGANConfig, train_cyclegan, translate
+from trainer.cyclegan.files import LearnedTrigger, load_triggers, save_triggers
 from trainer.data import Dataset
 from trainer.loop import MAX_SHIFT, FitConfig, accuracy, distilled_targets, fit
 from trainer.prepare import check_validation, split_validation
-from trainer.rounds import ROLES, mark_failed, publish_round, running_round
+from trainer.rounds import ROLES, mark_failed, publish_round, round_dir, running_round
 
 Progress = Callable[[str], None]
 TREATMENTS = ("gan", "masked", "both")
@@ -83,7 +91,7 @@ class RepairConfig:
     lr: float = 1e-3
     batch_size: int = 64
     distill: float = 1.0
-    teacher: str = "suspect"  # distill from the suspect member on clean images, or "self"
+    teacher: str = "suspect"  # distill from round 0's badnet on clean images, or "self"
     split_by_label: bool = True  # one CycleGAN per target label with >= min_kept images
     ca_drop: float = 3.0  # the gate's theta, in points of served clean accuracy
     max_clean_suspect: float = 10.0  # the gate's bound on clean disagreement, in percent
@@ -91,6 +99,7 @@ class RepairConfig:
     policy: str = "goodnet"  # the gateway's ensemble policy, which decides the served answer
     views: int = 3  # views of each clean image treated: x, then jittered copies (see treat)
     treatment: str = "both"  # of each view: "gan" gen_ab(v), "masked", or "both" (see treat)
+    replay: bool = True  # treat with the triggers earlier rounds learned too (see treat)
     seed: int = 0
 
     def validate(self) -> None:
@@ -309,7 +318,8 @@ def treat(
     "One repair round per BadNet"). So each image is seen in ``cfg.views`` views (itself,
     then random mirrors and shifts, as gen_ab sees them), and ``cfg.treatment`` "both" adds,
     per view, a second copy with only the localized part of gen_ab's change
-    (:func:`localized`). ``parts[i]`` are the images that generator ``gens[i]`` treats.
+    (:func:`localized`). ``parts[i]`` are the images that generator ``gens[i]`` treats:
+    earlier rounds' generators and this round's own, each on its share.
     """
     views = [train.x] + [jitter(train.x, rng) for _ in range(cfg.views - 1)]
     translated = [view.copy() for view in views]
@@ -388,6 +398,8 @@ def run_repair_round(
         ids, pending = _quarantine(sessions, cfg, spec.shape)
         suspect = _load_suspect(sessions, pair, trusted_modules)
         quarantined = confident(suspect, pending, cfg)
+        active = pair.goodnet.path.parent if pair.goodnet.path else round_dir(store, base_round)
+        inherited = load_triggers(active) if cfg.replay else []
     except BaseException as exc:
         if opened:
             mark_failed(sessions, round_no, f"{type(exc).__name__}: {exc}")
@@ -401,7 +413,7 @@ def run_repair_round(
             f"(suspect confidence >= {cfg.min_score:g})"
         )
         groups = trigger_groups(suspect, quarantined, cfg)
-        parts = np.array_split(rng.permutation(len(train)), len(groups))
+        parts = np.array_split(rng.permutation(len(train)), len(inherited) + len(groups))
         gans = []
         for label, images in groups:
             name = "" if label is None else f" (suspect label {label})"
@@ -418,13 +430,17 @@ def run_repair_round(
 
             gan = train_cyclegan(domain_a, images, cfg.cyclegan, on_epoch=on_epoch)
             gans.append((label, images, gan))
-        progress(f"round {round_no}: treating {cfg.views} views of {len(train)} images")
-        tune_set, treated = treat([g.gen_ab for _, _, g in gans], parts, train, cfg, rng)
+        triggers = inherited + [LearnedTrigger(g.gen_ab, round_no, k) for k, _, g in gans]
+        progress(
+            f"round {round_no}: treating {cfg.views} views of {len(train)} images with "
+            f"{len(triggers)} learned triggers ({len(inherited)} from earlier rounds)"
+        )
+        tune_set, treated = treat([t.gen for t in triggers], parts, train, cfg, rng)
         tune_images = len(tune_set) + len(treated)
         models, members, tune_seconds = {}, {}, 0.0
         for role in ROLES:
             progress(f"round {round_no}: fine-tuning the {role} on {tune_images} images")
-            teacher = bundles["badnet" if cfg.teacher == "suspect" else role]
+            teacher = suspect if cfg.teacher == "suspect" else bundles[role]
             models[role], seconds = finetune(bundles[role], tune_set, treated, cfg, teacher)
             tune_seconds += seconds
             members[role] = {
@@ -447,6 +463,7 @@ def run_repair_round(
             "cyclegan_seconds": sum(g.seconds for _, _, g in gans),
             "cyclegan_final_losses": [g.history[-1] for _, _, g in gans],
             "trigger_groups": [{"suspect_label": k, "images": len(x)} for k, x, _ in gans],
+            "replayed_triggers": [t.name for t in inherited],
             "finetune_seconds": tune_seconds,
             "trigger_l1": float(np.abs(treated[: len(train)].astype(float) - train.x).mean()),
             "finetune_images": tune_images,
@@ -490,13 +507,10 @@ def run_repair_round(
                         "metrics": {"clean_accuracy_gate": members[role]["after"]},
                     },
                 )
+            save_triggers(out, triggers)
             sample = gate.x[:8]
             for i, (label, images, gan) in enumerate(gans):
                 suffix = "" if i == 0 else f"_label{label}"
-                save_file(
-                    {k: v.contiguous() for k, v in gan.gen_ab.state_dict().items()},
-                    str(out / f"gen_ab{suffix}.safetensors"),
-                )
                 trigger_figure(
                     sample, translate(gan.gen_ab, sample), images[:8], out / f"trigger{suffix}.png"
                 )

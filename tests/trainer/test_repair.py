@@ -13,7 +13,7 @@ from torch import nn
 
 from core.bundle import load_bundle
 from core.db import open_store, session_factory, transaction
-from core.errors import UserError
+from core.errors import DataError, UserError
 from core.quarantine import (
     NewSample,
     active_round,
@@ -25,6 +25,7 @@ from core.quarantine import (
 )
 from tests.conftest import SHAPE, TARGET, Lab, make_blobs, publish_pair, quarantine_images
 from trainer.cyclegan import CycleGANConfig, train_cyclegan, translate
+from trainer.cyclegan.files import load_triggers
 from trainer.cyclegan.models import PatchDiscriminator, ResnetGenerator
 from trainer.data import Dataset
 from trainer.repair import (
@@ -79,12 +80,15 @@ def _store(tmp_path: Path, lab: Lab) -> sessionmaker[Session]:
     return sessions
 
 
-def _quarantine(sessions: sessionmaker[Session], lab: Lab, n: int) -> None:
+def _quarantine(sessions: sessionmaker[Session], lab: Lab, n: int, start: int = 0) -> None:
+    rows = slice(start, start + n)
     samples = [
         NewSample.from_image(
             img, badnet_label=int(b), goodnet_label=int(g), served_round=0, detector="disagreement"
         )
-        for img, b, g in zip(lab.triggered[:n], lab.bad_labels, lab.good_labels, strict=False)
+        for img, b, g in zip(
+            lab.triggered[rows], lab.bad_labels[rows], lab.good_labels[rows], strict=True
+        )
     ]
     with transaction(sessions) as s:
         add_samples(session=s, samples=samples)
@@ -295,8 +299,63 @@ def test_a_quarantine_with_two_targets_gets_a_cyclegan_per_target(tmp_path: Path
         [TARGET, other]
     )
     second = max(TARGET, other)  # groups come in label order; the first one is trigger.png
-    for name in ("trigger.png", f"trigger_label{second}.png", f"gen_ab_label{second}.safetensors"):
+    for name in ("trigger.png", f"trigger_label{second}.png"):
         assert (outcome.path / name).exists(), name
+    learned = load_triggers(outcome.path)
+    assert sorted((t.round, t.suspect_label) for t in learned) == [(1, TARGET), (1, other)]
+
+
+def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
+    tmp_path: Path, lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 2 treats with round 1's gen_ab as well as its own, keeps both for round 3, and
+    takes its targets from round 0's badnet (the original suspect), not round 1's."""
+    import trainer.repair as repair
+
+    teachers: list[object] = []
+    real_finetune = repair.finetune
+
+    def finetune(*args: object) -> object:
+        teachers.append(args[-1].path)  # type: ignore[attr-defined]
+        return real_finetune(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repair, "finetune", finetune)
+    sessions = _store(tmp_path, lab)
+    cfg = replace(TINY, min_score=0.0, min_kept=4)
+    paths = []
+    for round_no in (1, 2):
+        _quarantine(sessions, lab, 12, start=12 * (round_no - 1))
+        outcome = run_repair_round(
+            sessions=sessions, store=tmp_path, round_no=round_no, valid=_valid(), cfg=cfg
+        )
+        assert outcome.status == "succeeded" and outcome.path is not None
+        paths.append(outcome.path)
+    assert outcome.metrics["replayed_triggers"] == ["round 1"]
+    first, second = load_triggers(paths[0]), load_triggers(paths[1])
+    assert [t.round for t in first] == [1] and [t.round for t in second] == [1, 2]
+    x = lab.clean[:6]
+    assert np.array_equal(translate(second[0].gen, x), translate(first[0].gen, x))
+    assert not np.array_equal(translate(second[1].gen, x), translate(first[0].gen, x))
+    round0_badnet = (tmp_path / "rounds" / "0" / "badnet").resolve()
+    assert {Path(str(p)).resolve() for p in teachers} == {round0_badnet}, teachers
+
+    # a damaged trigger file stops round 3 before it exists; --no-replay runs it
+    (paths[1] / second[0].file).write_bytes(b"not a safetensors file")
+    _quarantine(sessions, lab, 12, start=24)
+    with pytest.raises(DataError, match="learned triggers .* cannot be read.*--no-replay"):
+        run_repair_round(sessions=sessions, store=tmp_path, round_no=3, valid=_valid(), cfg=cfg)
+    with sessions() as s:
+        assert [r.round for r in list_rounds(session=s)] == [0, 1, 2]
+    outcome = run_repair_round(
+        sessions=sessions,
+        store=tmp_path,
+        round_no=3,
+        valid=_valid(),
+        cfg=replace(cfg, replay=False),
+    )
+    assert outcome.status == "succeeded" and outcome.path is not None
+    assert outcome.metrics["replayed_triggers"] == []
+    assert [t.round for t in load_triggers(outcome.path)] == [3]
 
 
 def test_the_database_lease_lets_one_claimer_in(tmp_path: Path, lab: Lab) -> None:

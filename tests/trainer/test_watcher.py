@@ -208,11 +208,12 @@ def test_retrain_runs_a_round_and_rollback_returns_to_round_zero(tmp_path: Path,
         "BQG_QUARANTINE_THRESHOLD": "10",
         "BQG_REPAIR_PRESET": "tiny",
     }
-    r = run_cli("trainer", "retrain", "--round", "1", env=env)
+    r = run_cli("trainer", "retrain", "--round", "1", "--no-replay", env=env)
     assert r.returncode == 0, r.stderr
     assert "CycleGAN epoch" in r.stderr and "round 1 is active" in r.stderr
     with sessions() as s:
         assert active_round(session=s).round == 1  # type: ignore[union-attr]
+        assert list_rounds(session=s)[1].metrics["config"]["replay"] is False
     r = run_cli("trainer", "rollback", "--round", "0", env=env)
     assert r.returncode == 0 and "round 0 is active" in r.stdout
     with sessions() as s:

@@ -43,6 +43,7 @@ class ResnetGenerator(nn.Module):
 
     def __init__(self, channels: int = 1, ngf: int = 32, n_blocks: int = 3) -> None:
         super().__init__()
+        self.channels, self.ngf, self.n_blocks = channels, ngf, n_blocks
         layers: list[nn.Module] = [
             nn.ReflectionPad2d(3),
             nn.Conv2d(channels, ngf, 7),
