@@ -1,6 +1,7 @@
 """The smallest CycleGAN and epoch budget that still repairs (issue 6; NNoculation App. A.3).
 
     python -m benchmarks.cyclegan_size [--zoo var/zoo] [--attacks patch blend multi-trigger combo] [--seeds 0 1]
+        [--configs 8x1x5 compact 16x2x5 small 32x3x10]
 
 The paper's CycleGAN (ngf 64, 9 residual blocks, 200 epochs, batch 1) takes hours on a CPU,
 and the time a round takes is the time an attacker keeps winning. For each BadNet named:
@@ -58,6 +59,7 @@ CONFIGS: dict[str, CycleGANConfig] = {
     "ngf 16, 2 blocks, 10 epochs (small)": SMALL,
     "ngf 32, 3 blocks, 10 epochs": replace(SMALL, ngf=32, ndf=32, n_blocks=3),
 }
+KEYS = dict(zip(("8x1x5", "compact", "16x2x5", "small", "32x3x10"), CONFIGS, strict=True))
 
 
 def generator_params(cfg: CycleGANConfig, channels: int = 1) -> int:
@@ -169,7 +171,9 @@ def checks(data: dict[str, Any]) -> dict[str, bool]:
     }
 
 
-def run(zoo: Path, attacks: list[str], seeds: list[int], work: Path) -> dict[str, Any]:
+def run(
+    zoo: Path, attacks: list[str], seeds: list[int], work: Path, labels: list[str]
+) -> dict[str, Any]:
     started = provenance()
     _, data, threads = defender_data("valid", "stream", "heldout")
     for name in attacks:
@@ -177,13 +181,14 @@ def run(zoo: Path, attacks: list[str], seeds: list[int], work: Path) -> dict[str
             raise UserError(f"{zoo / name} is not a BadNet; run 'python -m benchmarks.badnet_zoo'")
     shutil.rmtree(work, ignore_errors=True)
     bases: list[dict[str, Any]] = []
-    results: dict[str, dict[str, Any]] = {label: {} for label in CONFIGS}
+    configs = {label: CONFIGS[label] for label in labels}
+    results: dict[str, dict[str, Any]] = {label: {} for label in configs}
     for name in attacks:
         root = work / name
         root.mkdir(parents=True)
         print(f"== {name}: round 0 and the quarantine", flush=True)
         bases.append(base_store(name, zoo, data, root))
-        for label, gan in CONFIGS.items():
+        for label, gan in configs.items():
             print(f"== {name}: {label}", flush=True)
             runs = [one_round(name, zoo, data, root, gan, seed) for seed in seeds]
             results[label][name] = {"runs": runs, "summary": summarise(runs)}
@@ -195,7 +200,7 @@ def run(zoo: Path, attacks: list[str], seeds: list[int], work: Path) -> dict[str
         "attacks": bases,
         "configs": {
             label: gan.to_dict() | {"generator_params": generator_params(gan)}
-            for label, gan in CONFIGS.items()
+            for label, gan in configs.items()
         },
         "results": results,
     }
@@ -279,6 +284,13 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--work", type=Path, default=Path("var/cyclegan_size"))
     parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=list(KEYS),
+        default=list(KEYS),
+        help="configurations to run (ngf x blocks x epochs; default all)",
+    )
+    parser.add_argument(
         "--render", action="store_true", help="recompute the choice from the saved JSON; no runs"
     )
     args = parser.parse_args()
@@ -295,7 +307,7 @@ def main() -> None:
         print(f"re-rendered {saved}; checks: {data['checks']}")
         return
     try:
-        data = run(args.zoo, args.attacks, args.seeds, args.work)
+        data = run(args.zoo, args.attacks, args.seeds, args.work, [KEYS[k] for k in args.configs])
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
     path = publish(NAME, data, render)
