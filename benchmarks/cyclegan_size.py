@@ -51,6 +51,7 @@ from trainer.repair import RepairConfig, run_repair_round
 
 NAME = "cyclegan_size"
 ASR_SLACK, CA_DROP_MAX = 0.01, 3.0
+ASR_GOAL = 0.03  # issue 6: ASR <= 3% after one round
 SMALL = PRESETS["small"]
 CONFIGS: dict[str, CycleGANConfig] = {
     "ngf 8, 1 block, 5 epochs": replace(SMALL, ngf=8, ndf=8, n_blocks=1, epochs=5),
@@ -222,7 +223,8 @@ def render(data: dict[str, Any]) -> str:
         "distinct disagreements of the stream split with 10% triggered inputs, shared by every configuration; then "
         f"`run_repair_round` (the watcher's code) per configuration and seed ({', '.join(map(str, data['seeds']))}; the "
         "seed is the CycleGAN's and the round's). CA and ASR are the served answers' (the repaired GoodNet) on the "
-        "5,000-image held-out split, means over the seeds (each seed in brackets). A configuration repairs when, on "
+        "5,000-image held-out split, means over the seeds whose round succeeded (each seed in brackets; a round its gate "
+        "rejected serves nothing new and has no rates). A configuration repairs when, on "
         f"every attack, its mean ASR is within {100 * ASR_SLACK:g} point of the best configuration's and its CA within "
         f"{CA_DROP_MAX:g} points of the BadNet's.",
         "",
@@ -232,6 +234,14 @@ def render(data: dict[str, Any]) -> str:
         "|---|---|---|---|" + "---|---|" * len(names) + "---|",
     ]
     choice = data["choice"]
+    missed = [
+        n
+        for n in names
+        if all(
+            per[n]["summary"]["asr"] is None or per[n]["summary"]["asr"] > ASR_GOAL
+            for per in data["results"].values()
+        )
+    ]
     for label, per in data["results"].items():
         cells = [
             label,
@@ -241,7 +251,9 @@ def render(data: dict[str, Any]) -> str:
         ]
         for n in names:
             s = per[n]["summary"]
-            seeds = ", ".join(_pct(r.get("asr")) for r in per[n]["runs"])
+            seeds = ", ".join(
+                _pct(r["asr"]) if r.get("asr") is not None else r["status"] for r in per[n]["runs"]
+            )
             cells += [_pct(s["ca"]), f"{_pct(s['asr'])} ({seeds})"]
         cells.append("yes" if choice["repairs"][label] else "no")
         lines.append("| " + " | ".join(cells) + " |")
@@ -259,6 +271,9 @@ def render(data: dict[str, Any]) -> str:
         f"Smallest configuration that repairs (fewest generator parameters, then epochs), on "
         f"{', '.join(names)} only: {choice['smallest'] or 'none'}. The default preset: "
         f"`{data['default_preset']}`.",
+        "",
+        "The rule is relative to the best configuration run. No configuration reached the issue's "
+        f"ASR <= {100 * ASR_GOAL:g}% on: " + (", ".join(missed) or "none") + ".",
         "",
         checks_line(data["checks"]),
         "",
