@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.repair_round import ONE_CANDIDATE, round_zero_and_quarantine
+from benchmarks.repair_round import ASR_MAX, ONE_CANDIDATE, round_zero_and_quarantine
 from benchmarks.results import RESULTS_DIR, checks_line, defender_data, provenance, publish
 from core.bundle import load_bundle
 from core.db import open_store, session_factory
@@ -51,7 +51,6 @@ from trainer.repair import RepairConfig, run_repair_round
 
 NAME = "cyclegan_size"
 ASR_SLACK, CA_DROP_MAX = 0.01, 3.0
-ASR_GOAL = 0.03  # issue 6: ASR <= 3% after one round
 SMALL = PRESETS["small"]
 CONFIGS: dict[str, CycleGANConfig] = {
     "ngf 8, 1 block, 5 epochs": replace(SMALL, ngf=8, ndf=8, n_blocks=1, epochs=5),
@@ -238,7 +237,7 @@ def render(data: dict[str, Any]) -> str:
         n
         for n in names
         if all(
-            per[n]["summary"]["asr"] is None or per[n]["summary"]["asr"] > ASR_GOAL
+            per[n]["summary"]["asr"] is None or per[n]["summary"]["asr"] > ASR_MAX
             for per in data["results"].values()
         )
     ]
@@ -273,7 +272,7 @@ def render(data: dict[str, Any]) -> str:
         f"`{data['default_preset']}`.",
         "",
         "The rule is relative to the best configuration run. No configuration reached the issue's "
-        f"ASR <= {100 * ASR_GOAL:g}% on: " + (", ".join(missed) or "none") + ".",
+        f"ASR <= {100 * ASR_MAX:g}% on: " + (", ".join(missed) or "none") + ".",
         "",
         checks_line(data["checks"]),
         "",
