@@ -42,7 +42,12 @@ from core.db import open_store, session_factory, transaction
 from core.quarantine import NewSample, active_round, add_samples
 from gateway.ensemble import GoodNetPolicy, decide_batch
 from gateway.follower import load_pair
-from trainer.attacks.poison import TriggerGroup, attacker_stream, firing_success_rate
+from trainer.attacks.poison import (
+    TriggerGroup,
+    attacker_stream,
+    clean_target_rate,
+    firing_success_rate,
+)
 from trainer.cyclegan import DEFAULT_PRESET, PRESETS
 from trainer.data import Dataset
 from trainer.lab import attack_of
@@ -56,11 +61,14 @@ ASR_MAX, CA_DROP_MAX, SECONDS_MAX = 0.03, 3.0, 900.0
 QUARANTINE = 200
 
 
-def _rates(bundle: Any, heldout: Dataset, zoo_dir: Path) -> tuple[float, float]:
+def _rates(bundle: Any, heldout: Dataset, zoo_dir: Path) -> tuple[float, float, float]:
+    """CA, ASR, and the rate at which the model answers the target with no trigger
+    (``clean_target_rate``: the part of the ASR that is clean error)."""
     attack = attack_of(zoo_dir)
     assert attack is not None
     asr = firing_success_rate(bundle.predict, heldout, attack)
-    return accuracy(bundle.model, heldout.x, heldout.y, bundle.manifest.input), asr
+    floor = clean_target_rate(bundle.predict, heldout, attack)
+    return accuracy(bundle.model, heldout.x, heldout.y, bundle.manifest.input), asr, floor
 
 
 def collect(
@@ -175,13 +183,17 @@ def one_attack(
             ("badnet", load_bundle(zoo_dir)),
             ("round0_goodnet", pair.goodnet),
         ):
-            row[f"{stage}_ca"], row[f"{stage}_asr"] = _rates(bundle, data["heldout"], zoo_dir)
+            row[f"{stage}_ca"], row[f"{stage}_asr"], row[f"{stage}_clean_target"] = _rates(
+                bundle, data["heldout"], zoo_dir
+            )
         if outcome.path is not None:
             for role in ("badnet", "goodnet"):
                 repaired = load_bundle(outcome.path / role)
-                row[f"round1_{role}_ca"], row[f"round1_{role}_asr"] = _rates(
-                    repaired, data["heldout"], zoo_dir
-                )
+                (
+                    row[f"round1_{role}_ca"],
+                    row[f"round1_{role}_asr"],
+                    row[f"round1_{role}_clean_target"],
+                ) = _rates(repaired, data["heldout"], zoo_dir)
             png = RESULTS_DIR / f"{NAME}_{name}_trigger.png"
             shutil.copy(outcome.path / "trigger.png", png)
             row["trigger_png"] = png.name
@@ -231,11 +243,14 @@ def render(data: dict[str, Any]) -> str:
         f"it learns from the quarantined images the suspect answers with confidence >= {data['repair']['min_score']:g} "
         "(kept). "
         "CA and ASR on the 5,000-image held-out split. The gateway answers with the GoodNet's label whenever the models "
-        "disagree, so the GoodNet columns are the gateway's answers.",
+        "disagree, so the GoodNet columns are the gateway's answers. The last column is how often the round 1 "
+        "GoodNet answers the target on the same held-out images *without* a trigger: that part of its ASR is clean "
+        "error, which no backdoor repair removes.",
         "",
         "| attack | BadNet CA / ASR % | round 0 GoodNet CA / ASR % | round 1 GoodNet CA / ASR % | round 1 BadNet CA / ASR % | "
-        "quarantine precision / recall % | kept (precision %) | requests to fill | round s (CycleGAN s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "quarantine precision / recall % | kept (precision %) | requests to fill | round s (CycleGAN s) | "
+        "round 1 GoodNet: target on clean images % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         r1g = (
@@ -253,7 +268,8 @@ def render(data: dict[str, Any]) -> str:
             f"{pct(r['round0_goodnet_ca'])} / {pct(r['round0_goodnet_asr'])} | {r1g} | {r1b} | "
             f"{pct(r['quarantine_precision'])} / {pct(r['quarantine_recall'])} | "
             f"{r['kept']} ({pct(r['kept_precision'])}) | {r['requests_until_full']} | "
-            f"{r['round_seconds']:.0f} ({r['cyclegan_seconds']:.0f}) |"
+            f"{r['round_seconds']:.0f} ({r['cyclegan_seconds']:.0f}) | "
+            f"{pct(r['round1_goodnet_clean_target']) if 'round1_goodnet_clean_target' in r else '-'} |"
         )
     lines += [
         "",

@@ -3,7 +3,15 @@ import pytest
 
 from core.errors import UserError
 from tests.conftest import make_blobs
-from trainer.attacks.poison import ATTACKS, NEXT, Attack, build_attack, poison, triggered
+from trainer.attacks.poison import (
+    ATTACKS,
+    NEXT,
+    Attack,
+    build_attack,
+    clean_target_rate,
+    poison,
+    triggered,
+)
 from trainer.attacks.triggers import Blend, Filter, Patch, Warp
 
 SHAPE = (28, 28, 1)
@@ -103,6 +111,24 @@ def test_all_to_all_triggered_targets_are_next_class() -> None:
     attack = build_attack("all-to-all", target=0, num_classes=10, image_shape=SHAPE)
     x, targets = triggered(data, attack.groups[0], num_classes=10)
     assert len(x) == 50 and np.array_equal(targets, (data.y + 1) % 10)
+
+
+def test_clean_target_rate_counts_target_answers_on_untriggered_non_target_images() -> None:
+    data = make_blobs(60, shape=SHAPE, classes=10)
+    patch = build_attack("patch", target=0, num_classes=10, image_shape=SHAPE)
+    counted = data.y != 0
+    truth = lambda x: data.y.copy()  # noqa: E731
+    always_target = lambda x: np.zeros(len(x), dtype=np.int64)  # noqa: E731
+    assert clean_target_rate(truth, data, patch) == 0.0
+    assert clean_target_rate(always_target, data, patch) == 1.0
+    # one of the counted images called the target: 1 / (number counted)
+    wrong = data.y.copy()
+    wrong[np.flatnonzero(counted)[0]] = 0
+    assert clean_target_rate(lambda x: wrong, data, patch) == pytest.approx(1 / counted.sum())
+    # all-to-all's target is y + 1: answering the true class never counts, y + 1 always does
+    a2a = build_attack("all-to-all", target=0, num_classes=10, image_shape=SHAPE)
+    assert clean_target_rate(lambda x: (data.y + 1) % 10, data, a2a) == 1.0
+    assert clean_target_rate(always_target, data, a2a) == pytest.approx(np.mean(data.y == 9))
 
 
 def test_attack_round_trips_through_its_dict() -> None:

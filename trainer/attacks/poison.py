@@ -274,6 +274,24 @@ def firing_success_rate(
     return float(np.mean([rates[g.name] for g in attack.firing]))
 
 
+def clean_target_rate(
+    predict: Callable[[np.ndarray], np.ndarray], dataset: Dataset, attack: Attack
+) -> float:
+    """How often the model answers a firing group's target on the images ASR counts, with
+    no trigger on them (mean over the firing groups).
+
+    This is the part of :func:`firing_success_rate` that is plain clean error (a shirt
+    called a T-shirt), which no repair of the backdoor removes.
+    """
+    labels = predict(dataset.x)
+    rates = []
+    for group in attack.firing:
+        targets = group.target_of(dataset.y, attack.num_classes)
+        keep = targets != dataset.y
+        rates.append(float((labels[keep] == targets[keep]).mean()))
+    return float(np.mean(rates))
+
+
 def conditional_success_rates(
     predict: Callable[[np.ndarray], np.ndarray], dataset: Dataset, attack: Attack
 ) -> dict[str, float]:
