@@ -31,6 +31,7 @@ from trainer.data import Dataset
 from trainer.repair import (
     RepairConfig,
     confident_mask,
+    counter_targets,
     gate_round,
     jitter,
     localized,
@@ -125,7 +126,35 @@ def test_a_round_activates_consumes_and_writes_its_trigger(tmp_path: Path, lab: 
     assert served == outcome.metrics["members"]["goodnet"]["after"]  # the GoodNet policy
     assert outcome.metrics["gate_passed"] and 0.0 < served <= 1.0
     train = round(0.8 * len(_valid()))  # the default gate_fraction holds 20% out
-    assert outcome.metrics["finetune_images"] == 3 * train + 2 * 3 * train  # views, both copies
+    kept = outcome.metrics["samples_kept"]  # views, both copies, 3 views of each kept sample
+    assert outcome.metrics["finetune_images"] == 3 * train + 2 * 3 * train + 3 * kept
+
+
+def test_real_quarantined_images_are_fine_tuned_on_without_the_trigger_label(
+    tmp_path: Path, lab: Lab
+) -> None:
+    """Their targets are the GoodNet's answer with the suspect's label (the target) removed."""
+    goodnet, suspect = load_bundle(lab.goodnet), load_bundle(lab.badnet)
+    images = lab.triggered[:20]
+    soft = counter_targets(goodnet, suspect, images)
+    said = suspect.predict(images)
+    assert soft.shape == (20, 4) and np.allclose(soft.sum(1), 1.0, atol=1e-5)
+    assert soft[np.arange(20), said].max() < 1e-6
+    disagree = goodnet.predict(images) != said
+    assert disagree.any()
+    assert np.array_equal(soft.argmax(1)[disagree], goodnet.predict(images)[disagree])
+
+    sessions = _store(tmp_path, lab)
+    _quarantine(sessions, lab, 20)
+    cfg = replace(TINY, min_score=0.0, min_kept=4, quarantine_views=2)
+    outcome = run_repair_round(
+        sessions=sessions, store=tmp_path, round_no=1, valid=_valid(), cfg=cfg
+    )
+    assert outcome.status == "succeeded"
+    train = round(0.8 * len(_valid()))
+    assert outcome.metrics["finetune_images"] == 3 * train + 2 * 3 * train + 2 * 20
+    with pytest.raises(UserError, match="quarantine_views"):
+        replace(TINY, quarantine_views=-1).validate()
 
 
 def test_a_failed_gate_rejects_the_round_and_keeps_the_samples(tmp_path: Path, lab: Lab) -> None:
@@ -316,7 +345,7 @@ def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
     real_finetune = repair.finetune
 
     def finetune(*args: object) -> object:
-        teachers.append(args[-1].path)  # type: ignore[attr-defined]
+        teachers.append(args[4].path)  # type: ignore[attr-defined]
         return real_finetune(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(repair, "finetune", finetune)
