@@ -228,6 +228,12 @@ def run(zoo: Path, attacks: list[str], cfg: RepairConfig, prep: PrepareConfig) -
     }
 
 
+def quarantine_views(repair: dict[str, Any]) -> str:
+    """', plus N views of each kept quarantined image' when the round fine-tuned on them."""
+    n = repair.get("quarantine_views", 0)
+    return f", plus {n} views of each kept quarantined image" if n else ""
+
+
 def render(data: dict[str, Any]) -> str:
     pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
     g = data["cyclegan"]
@@ -239,7 +245,8 @@ def render(data: dict[str, Any]) -> str:
         f"`run_repair_round` (what the watcher runs) with the CycleGAN at ngf {g['ngf']}, ndf {g['ndf']}, {g['n_blocks']} "
         f"residual block{'s' if g['n_blocks'] != 1 else ''}, {g['epochs']} epochs, batch {g['batch_size']}, and {data['repair']['epochs']} fine-tuning epochs "
         f"on {data['repair'].get('views', 1)} views of each clean image with treatment "
-        f"`{data['repair'].get('treatment', 'gan')}`; "
+        f"`{data['repair'].get('treatment', 'gan')}`"
+        f"{quarantine_views(data['repair'])}; "
         f"it learns from the quarantined images the suspect answers with confidence >= {data['repair']['min_score']:g} "
         "(kept). "
         "CA and ASR on the 5,000-image held-out split. The gateway answers with the GoodNet's label whenever the models "
