@@ -287,6 +287,11 @@ def trigger_groups(
     return [(k, images[labels == k]) for k in big]
 
 
+def views_of(x: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``n`` views of the images ``x``: themselves, then ``n - 1`` jittered copies."""
+    return [x] + [jitter(x, rng) for _ in range(n - 1)]
+
+
 def jitter(x: np.ndarray, rng: np.random.Generator, shift: int = MAX_SHIFT) -> np.ndarray:
     """Each image mirrored at random and shifted up to ``shift`` pixels (edges repeated): the
     fine-tuning's own augmentation (``trainer.loop``), drawn per image rather than per batch."""
@@ -330,7 +335,7 @@ def treat(
     (:func:`localized`). ``parts[i]`` are the images that generator ``gens[i]`` treats:
     earlier rounds' generators and this round's own, each on its share.
     """
-    views = [train.x] + [jitter(train.x, rng) for _ in range(cfg.views - 1)]
+    views = views_of(train.x, cfg.views, rng)
     translated = [view.copy() for view in views]
     masked = [view.copy() for view in views]
     for gen, part in zip(gens, parts, strict=True):
@@ -471,10 +476,7 @@ def run_repair_round(
         if cfg.quarantine_views:
             soft = counter_targets(bundles["goodnet"], suspect, quarantined)
             real = (
-                np.concatenate(
-                    [quarantined]
-                    + [jitter(quarantined, rng) for _ in range(cfg.quarantine_views - 1)]
-                ),
+                np.concatenate(views_of(quarantined, cfg.quarantine_views, rng)),
                 np.tile(soft, (cfg.quarantine_views, 1)),
             )
         tune_images = len(tune_set) + len(treated) + (len(real[0]) if real else 0)

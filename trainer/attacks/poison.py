@@ -236,10 +236,17 @@ def triggered(
     dataset: Dataset, group: TriggerGroup, *, num_classes: int, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Triggered copies of the samples whose true class is not the group's target, and targets."""
-    targets = group.target_of(dataset.y, num_classes)
-    keep = targets != dataset.y
+    keep, targets = counted(dataset, group, num_classes)
     x = group.apply(dataset.x[keep], np.random.default_rng(seed))
     return x, targets[keep]
+
+
+def counted(
+    dataset: Dataset, group: TriggerGroup, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of the samples ASR counts: true class not the group's target, every target)."""
+    targets = group.target_of(dataset.y, num_classes)
+    return targets != dataset.y, targets
 
 
 def attacker_stream(
@@ -286,8 +293,7 @@ def clean_target_rate(
     labels = predict(dataset.x)
     rates = []
     for group in attack.firing:
-        targets = group.target_of(dataset.y, attack.num_classes)
-        keep = targets != dataset.y
+        keep, targets = counted(dataset, group, attack.num_classes)
         rates.append(float((labels[keep] == targets[keep]).mean()))
     return float(np.mean(rates))
 
