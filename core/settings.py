@@ -96,6 +96,12 @@ class Settings(BaseSettings):
         description="Repair learns from quarantined images the suspect answers with at least "
         "this confidence (0: every sample, the paper's rule).",
     )
+    repair_quarantine_views: int = Field(
+        default=3,
+        ge=0,
+        description="Repair also fine-tunes on this many views of each kept quarantined image "
+        "(itself, then mirrored and shifted copies), never with the trigger's label; 0: none.",
+    )
     repair_lease_seconds: float = Field(
         default=60.0, gt=0, description="A running round whose runner is silent this long is dead."
     )

@@ -473,13 +473,19 @@ def prune_cmd(
 
 
 def _repair_cfg(
-    settings: Settings, preset: str | None, ca_drop: float | None, min_score: float | None = None
+    settings: Settings,
+    preset: str | None,
+    ca_drop: float | None,
+    min_score: float | None = None,
+    quarantine_views: int | None = None,
 ) -> RepairConfig:
     cfg = repair_config(settings, preset=preset)
     if ca_drop is not None:
         cfg.ca_drop = ca_drop
     if min_score is not None:
         cfg.min_score = min_score
+    if quarantine_views is not None:
+        cfg.quarantine_views = quarantine_views
     cfg.validate()
     return cfg
 
@@ -520,6 +526,14 @@ def retrain_cmd(
             "(default $BQG_REPAIR_MIN_SCORE, 0.99; 0 keeps every sample, as the paper does)."
         ),
     ] = None,
+    quarantine_views: Annotated[
+        int | None,
+        typer.Option(
+            help="Fine-tune on this many views of each kept quarantined image, with targets "
+            "that never name the trigger's label (default $BQG_REPAIR_QUARANTINE_VIEWS, 3; "
+            "0 fine-tunes on treated validation images only, as the paper does)."
+        ),
+    ] = None,
     replay: Annotated[
         bool,
         typer.Option(
@@ -537,7 +551,7 @@ def retrain_cmd(
         settings.valid = valid
     if round_no < 1:
         raise UserError(f"--round {round_no}: repair rounds are 1 or more (round 0 is 'prepare')")
-    cfg = _repair_cfg(settings, preset, ca_drop, min_score)
+    cfg = _repair_cfg(settings, preset, ca_drop, min_score, quarantine_views)
     cfg.replay = replay
     sessions = _open_sessions(settings)
     with sessions() as session:

@@ -149,7 +149,10 @@ def repair_config(settings: Any, *, preset: str | None = None) -> RepairConfig:
     if name not in PRESETS:
         raise UserError(f"unknown CycleGAN preset {name!r}; known: {', '.join(PRESETS)}")
     return RepairConfig(
-        cyclegan=PRESETS[name], min_score=settings.repair_min_score, policy=settings.policy
+        cyclegan=PRESETS[name],
+        min_score=settings.repair_min_score,
+        quarantine_views=settings.repair_quarantine_views,
+        policy=settings.policy,
     )
 
 

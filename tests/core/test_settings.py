@@ -24,3 +24,17 @@ def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings().fashion_mnist_dir == Path("/data/fm")
     monkeypatch.setenv("BQG_TRUSTED_ARCH_MODULES", '["mypkg.nets"]')
     assert Settings().trusted_arch_modules == ["mypkg.nets"]
+
+
+def test_repair_settings_reach_the_round_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from trainer.repair import repair_config
+
+    monkeypatch.setenv("BQG_REPAIR_QUARANTINE_VIEWS", "5")
+    monkeypatch.setenv("BQG_REPAIR_MIN_SCORE", "0.5")
+    cfg = repair_config(Settings())
+    assert cfg.quarantine_views == 5 and cfg.min_score == 0.5
+    monkeypatch.setenv("BQG_REPAIR_QUARANTINE_VIEWS", "-1")
+    with pytest.raises(ValidationError, match="repair_quarantine_views"):
+        Settings()

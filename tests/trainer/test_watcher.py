@@ -182,6 +182,8 @@ def test_status_rollback_and_retrain_refusals(tmp_path: Path, lab: Lab) -> None:
     assert r.returncode == 2 and "round 7 does not exist" in r.stderr
     r = run_cli("trainer", "watch", "--threshold", "0", env=env)
     assert r.returncode == 2 and "N must be at least 1" in r.stderr
+    r = run_cli("trainer", "retrain", "--round", "1", "--quarantine-views", "-1", env=env)
+    assert r.returncode == 2 and "quarantine_views must be 0 or more, got -1" in r.stderr
     with transaction(sessions) as s:  # a failed round 1
         from core.quarantine import fail_round, open_round
 
@@ -208,12 +210,15 @@ def test_retrain_runs_a_round_and_rollback_returns_to_round_zero(tmp_path: Path,
         "BQG_QUARANTINE_THRESHOLD": "10",
         "BQG_REPAIR_PRESET": "tiny",
     }
-    r = run_cli("trainer", "retrain", "--round", "1", "--no-replay", env=env)
+    r = run_cli(
+        "trainer", "retrain", "--round", "1", "--no-replay", "--quarantine-views", "2", env=env
+    )
     assert r.returncode == 0, r.stderr
     assert "CycleGAN epoch" in r.stderr and "round 1 is active" in r.stderr
     with sessions() as s:
         assert active_round(session=s).round == 1  # type: ignore[union-attr]
-        assert list_rounds(session=s)[1].metrics["config"]["replay"] is False
+        config = list_rounds(session=s)[1].metrics["config"]
+        assert config["replay"] is False and config["quarantine_views"] == 2
     r = run_cli("trainer", "rollback", "--round", "0", env=env)
     assert r.returncode == 0 and "round 0 is active" in r.stdout
     with sessions() as s:
