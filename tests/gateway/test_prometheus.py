@@ -189,7 +189,11 @@ def test_every_dashboard_query_returns_data_and_the_rate_matches_the_client(
         cyclegan=CycleGANConfig(ngf=8, ndf=8, n_blocks=1, epochs=2, batch_size=16),
         clean_images=64,
         epochs=1,
+        # The gate is off: this test is about the dashboard, and one epoch on a tiny lab can
+        # make the pair disagree on a quarter of the 40 gate images (a rejected round, seen
+        # once in a fresh-clone run); the gate has its own tests in tests/trainer.
         ca_drop=100.0,
+        max_clean_suspect=100.0,
         min_score=0.0,  # the lab's tiny BadNet is not confident; the filter has its own tests
     )
     watcher = Watcher(settings, cfg, use_ray=False)
