@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.errors import UserError
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -116,3 +119,17 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.db or f"sqlite:///{self.store / 'quarantine.db'}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """The settings from the environment and ``overrides``. A bad value is a ``UserError``
+    that names the variable to fix (``BQG_<FIELD>``), not pydantic's traceback."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"BQG_{'_'.join(str(part) for part in err['loc']).upper()}={err.get('input')!r}: "
+            f"{err['msg'].lower()}"
+            for err in exc.errors()
+        )
+        raise UserError(f"bad setting: {problems}") from None

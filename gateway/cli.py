@@ -21,7 +21,7 @@ import yaml
 
 from core.db import open_store, safe_url, session_factory
 from core.errors import UserError
-from core.settings import Settings
+from core.settings import Settings, load_settings
 from gateway.config import GatewayArgs
 
 app = typer.Typer(
@@ -244,7 +244,7 @@ def demo_cmd(
     from trainer.data import load_fashion_mnist
     from trainer.repair import repair_config
 
-    env = Settings()
+    env = load_settings()
     settings = env.model_copy(
         update={
             "store": store,

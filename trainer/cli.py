@@ -30,7 +30,7 @@ from core.quarantine import (
     prune_consumed,
     try_claim_round,
 )
-from core.settings import Settings
+from core.settings import Settings, load_settings
 from trainer.attacks.poison import ATTACKS, Attack, build_attack
 from trainer.data import Dataset, load_data
 from trainer.importer import import_weights
@@ -89,7 +89,7 @@ def _settings(db: str | None, store: Path | None) -> Settings:
         overrides["db"] = db
     if store:
         overrides["store"] = store
-    settings = Settings(**overrides)
+    settings = load_settings(**overrides)
     set_threads(settings.threads)
     return settings
 

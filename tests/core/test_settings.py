@@ -38,3 +38,18 @@ def test_repair_settings_reach_the_round_config(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("BQG_REPAIR_QUARANTINE_VIEWS", "-1")
     with pytest.raises(ValidationError, match="repair_quarantine_views"):
         Settings()
+
+
+def test_a_bad_setting_is_a_user_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from core.errors import UserError
+    from core.settings import load_settings
+
+    monkeypatch.setenv("BQG_REPAIR_QUARANTINE_VIEWS", "-1")
+    monkeypatch.setenv("BQG_THREADS", "many")
+    with pytest.raises(UserError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "BQG_REPAIR_QUARANTINE_VIEWS='-1': input should be greater than or equal to 0" in message
+    assert "BQG_THREADS='many'" in message

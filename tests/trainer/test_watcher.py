@@ -184,6 +184,9 @@ def test_status_rollback_and_retrain_refusals(tmp_path: Path, lab: Lab) -> None:
     assert r.returncode == 2 and "N must be at least 1" in r.stderr
     r = run_cli("trainer", "retrain", "--round", "1", "--quarantine-views", "-1", env=env)
     assert r.returncode == 2 and "quarantine_views must be 0 or more, got -1" in r.stderr
+    r = run_cli("trainer", "status", env={**env, "BQG_REPAIR_QUARANTINE_VIEWS": "-1"})
+    assert r.returncode == 2 and "bad setting: BQG_REPAIR_QUARANTINE_VIEWS='-1'" in r.stderr
+    assert "Traceback" not in r.stderr
     with transaction(sessions) as s:  # a failed round 1
         from core.quarantine import fail_round, open_round
 
