@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from core.settings import Settings
+from core.settings import Settings, load_settings
 
 
 class GatewayArgs(BaseModel):
@@ -43,4 +43,4 @@ class GatewayArgs(BaseModel):
             }.items()
             if v is not None
         }
-        return Settings(**overrides)
+        return load_settings(**overrides)
