@@ -542,6 +542,14 @@ def retrain_cmd(
             "directory whose learned triggers cannot be read)."
         ),
     ] = True,
+    transplant: Annotated[
+        bool,
+        typer.Option(
+            help="When the kept samples share a stamped trigger (a patch in one place), "
+            "treat with its real pixels as well as gen_ab's copy. --no-transplant treats "
+            "with gen_ab alone, as the paper does."
+        ),
+    ] = True,
     db: DbOpt = None,
     store: StoreOpt = None,
 ) -> None:
@@ -552,7 +560,7 @@ def retrain_cmd(
     if round_no < 1:
         raise UserError(f"--round {round_no}: repair rounds are 1 or more (round 0 is 'prepare')")
     cfg = _repair_cfg(settings, preset, ca_drop, min_score, quarantine_views)
-    cfg.replay = replay
+    cfg.replay, cfg.transplant = replay, transplant
     sessions = _open_sessions(settings)
     with sessions() as session:
         if active_round_number(session=session) is None:

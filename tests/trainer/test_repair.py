@@ -24,10 +24,11 @@ from core.quarantine import (
     pending_count,
 )
 from tests.conftest import SHAPE, TARGET, Lab, make_blobs, publish_pair, quarantine_images
+from trainer.attacks.poison import build_attack
 from trainer.cyclegan import CycleGANConfig, train_cyclegan, translate
 from trainer.cyclegan.files import load_triggers
 from trainer.cyclegan.models import PatchDiscriminator, ResnetGenerator
-from trainer.data import Dataset
+from trainer.data import Dataset, load_fashion_mnist
 from trainer.repair import (
     RepairConfig,
     confident_mask,
@@ -36,6 +37,8 @@ from trainer.repair import (
     jitter,
     localized,
     run_repair_round,
+    stamp_region,
+    transplanted,
     treat,
     trigger_groups,
 )
@@ -122,6 +125,8 @@ def test_a_round_activates_consumes_and_writes_its_trigger(tmp_path: Path, lab: 
         assert load_bundle(outcome.path / role).manifest.meta["round"] == 1
     assert (outcome.path / "trigger.png").stat().st_size > 2000
     assert any("CycleGAN epoch 2/2" in m for m in messages)
+    assert outcome.metrics["stamp_pixels"] == [16]  # the lab's 4x4 patch, found
+    assert any("a stamped trigger of 16 pixels" in m for m in messages)
     served = outcome.metrics["gate"]["served clean accuracy"]["after"]
     assert served == outcome.metrics["members"]["goodnet"]["after"]  # the GoodNet policy
     assert outcome.metrics["gate_passed"] and 0.0 < served <= 1.0
@@ -360,6 +365,7 @@ def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
         assert outcome.status == "succeeded" and outcome.path is not None
         paths.append(outcome.path)
     assert outcome.metrics["replayed_triggers"] == ["round 1"]
+    assert outcome.metrics["stamp_pixels"] == [None, 16]  # no stamp for the replayed gen_ab
     first, second = load_triggers(paths[0]), load_triggers(paths[1])
     assert [t.round for t in first] == [1] and [t.round for t in second] == [1, 2]
     x = lab.clean[:6]
@@ -380,10 +386,11 @@ def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
         store=tmp_path,
         round_no=3,
         valid=_valid(),
-        cfg=replace(cfg, replay=False),
+        cfg=replace(cfg, replay=False, transplant=False),
     )
     assert outcome.status == "succeeded" and outcome.path is not None
     assert outcome.metrics["replayed_triggers"] == []
+    assert outcome.metrics["stamp_pixels"] == [None]
     assert [t.round for t in load_triggers(outcome.path)] == [3]
 
 
@@ -480,3 +487,78 @@ def test_bad_treatment_settings_are_refused() -> None:
         replace(TINY, views=0).validate()
     with pytest.raises(UserError, match="treatment must be one of gan, masked, both"):
         replace(TINY, treatment="paint").validate()
+
+
+def _quarantine_of(images: np.ndarray, attack: str, triggered: float = 0.9) -> np.ndarray:
+    """A quarantine as a round sees it: ``triggered`` of it carries ``attack``'s triggers
+    (its firing groups in turn), the rest is clean."""
+    groups = build_attack(attack, target=0, num_classes=10, image_shape=(28, 28, 1)).firing
+    n, rng = round(triggered * len(images)), np.random.default_rng(0)
+    shares = np.array_split(np.arange(n), len(groups))
+    stamped = [group.apply(images[share], rng) for group, share in zip(groups, shares, strict=True)]
+    return np.concatenate([*stamped, images[n:]])
+
+
+@pytest.fixture(scope="module")
+def fmnist_images(fmnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(300 clean test images, 60 others for a quarantine), real Fashion-MNIST."""
+    x = load_fashion_mnist(fmnist_dir, "test").x
+    return x[:300], x[300:360]
+
+
+def test_a_stamped_trigger_is_found_where_the_attacker_put_it(
+    fmnist_images: tuple[np.ndarray, np.ndarray],
+) -> None:
+    clean, others = fmnist_images
+    patch = stamp_region(_quarantine_of(others, "patch"), clean)
+    assert patch is not None
+    rows, cols = np.where(patch)  # the zoo's patch: 4x4, one pixel in from the corner
+    assert patch.sum() == 16 and (rows.min(), rows.max(), cols.min(), cols.max()) == (
+        23,
+        26,
+        23,
+        26,
+    )
+    combo = stamp_region(_quarantine_of(others, "combo"), clean)  # two patches, both every time
+    assert combo is not None and combo.sum() == 32
+    assert combo[1:5, 1:5].all() and combo[23:27, 23:27].all()
+    # A fifth of the quarantine triggered is too little to tell a stamp from content.
+    assert stamp_region(_quarantine_of(others, "patch", triggered=0.2), clean) is None
+
+
+@pytest.mark.parametrize("attack", ["blend", "filter", "multi-trigger"])
+def test_global_and_scattered_triggers_have_no_stamp(
+    attack: str, fmnist_images: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Blend and filter change the whole image; three patches with one target each hold a
+    third of the quarantine. gen_ab alone treats them."""
+    clean, others = fmnist_images
+    assert stamp_region(_quarantine_of(others, attack), clean) is None
+
+
+def test_transplanted_copies_take_the_region_from_the_quarantine() -> None:
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 100, (50, 28, 28, 1), dtype=np.uint8)
+    donors = rng.integers(150, 255, (7, 28, 28, 1), dtype=np.uint8)
+    region = np.zeros((28, 28), dtype=bool)
+    region[2:6, 20:24] = True
+    out = transplanted(clean, region, donors, rng)
+    assert np.array_equal(out[:, ~region], clean[:, ~region])
+    for img in out:  # the whole region from one donor
+        assert any(np.array_equal(img[region], d[region]) for d in donors)
+
+
+def test_treat_transplants_a_stamp_into_the_masked_copies_only() -> None:
+    valid = _valid()
+    cfg = replace(TINY, views=2, treatment="both")
+    region = np.zeros(SHAPE[:2], dtype=bool)
+    region[:2, :2] = True
+    donors = np.full((3, *SHAPE), 77, dtype=np.uint8)
+    parts = [np.arange(len(valid))]
+    clean, treated = treat(
+        [_Stamp()], parts, valid, cfg, np.random.default_rng(0), [(region, donors)]
+    )
+    gan, masked = np.split(treated, 2)
+    assert (masked[:, :2, :2] == 77).all()  # the real stamp
+    assert np.array_equal(masked[:, 2:], clean.x[:, 2:])  # and nothing else
+    assert (gan[:, -3:, -3:] >= 254).all()  # the generator's copy is still its own

@@ -214,7 +214,10 @@ def test_retrain_runs_a_round_and_rollback_returns_to_round_zero(tmp_path: Path,
         "BQG_REPAIR_PRESET": "tiny",
     }
     r = run_cli(
-        "trainer", "retrain", "--round", "1", "--no-replay", "--quarantine-views", "2", env=env
+        "trainer",
+        "retrain",
+        *("--round", "1", "--no-replay", "--no-transplant", "--quarantine-views", "2"),
+        env=env,
     )
     assert r.returncode == 0, r.stderr
     assert "CycleGAN epoch" in r.stderr and "round 1 is active" in r.stderr
@@ -222,6 +225,7 @@ def test_retrain_runs_a_round_and_rollback_returns_to_round_zero(tmp_path: Path,
         assert active_round(session=s).round == 1  # type: ignore[union-attr]
         config = list_rounds(session=s)[1].metrics["config"]
         assert config["replay"] is False and config["quarantine_views"] == 2
+        assert config["transplant"] is False
     r = run_cli("trainer", "rollback", "--round", "0", env=env)
     assert r.returncode == 0 and "round 0 is active" in r.stdout
     with sessions() as s:
