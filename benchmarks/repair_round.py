@@ -178,6 +178,7 @@ def one_attack(
             "status": outcome.status,
             "round_seconds": seconds,
             "cyclegan_seconds": outcome.metrics["cyclegan_seconds"],
+            "stamp_pixels": outcome.metrics.get("stamp_pixels"),
         }
         for stage, bundle in (
             ("badnet", load_bundle(zoo_dir)),
@@ -234,6 +235,22 @@ def quarantine_views(repair: dict[str, Any]) -> str:
     return f", plus {n} views of each kept quarantined image" if n else ""
 
 
+def transplant(repair: dict[str, Any]) -> str:
+    """The sentence on stamped triggers, when the round looked for them."""
+    if not repair.get("transplant"):
+        return ""
+    return (
+        " When most kept images share a stamp (the same rare pixels in one small place), the "
+        "second treated copy takes those pixels from real kept images (column `stamp px`: its "
+        "size; `-`: none found, gen_ab alone treats)."
+    )
+
+
+def stamp(r: dict[str, Any]) -> str:
+    found = [n for n in r.get("stamp_pixels") or [] if n is not None]
+    return ", ".join(map(str, found)) or "-"
+
+
 def render(data: dict[str, Any]) -> str:
     pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
     g = data["cyclegan"]
@@ -248,16 +265,16 @@ def render(data: dict[str, Any]) -> str:
         f"`{data['repair'].get('treatment', 'gan')}`"
         f"{quarantine_views(data['repair'])}; "
         f"it learns from the quarantined images the suspect answers with confidence >= {data['repair']['min_score']:g} "
-        "(kept). "
+        f"(kept).{transplant(data['repair'])} "
         "CA and ASR on the 5,000-image held-out split. The gateway answers with the GoodNet's label whenever the models "
         "disagree, so the GoodNet columns are the gateway's answers. The last column is how often the round 1 "
         "GoodNet answers the target on the same held-out images *without* a trigger: that part of its ASR is clean "
         "error, which no backdoor repair removes.",
         "",
         "| attack | BadNet CA / ASR % | round 0 GoodNet CA / ASR % | round 1 GoodNet CA / ASR % | round 1 BadNet CA / ASR % | "
-        "quarantine precision / recall % | kept (precision %) | requests to fill | round s (CycleGAN s) | "
+        "quarantine precision / recall % | kept (precision %) | stamp px | requests to fill | round s (CycleGAN s) | "
         "round 1 GoodNet: target on clean images % |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         r1g = (
@@ -274,7 +291,7 @@ def render(data: dict[str, Any]) -> str:
             f"| {r['attack']} | {pct(r['badnet_ca'])} / {pct(r['badnet_asr'])} | "
             f"{pct(r['round0_goodnet_ca'])} / {pct(r['round0_goodnet_asr'])} | {r1g} | {r1b} | "
             f"{pct(r['quarantine_precision'])} / {pct(r['quarantine_recall'])} | "
-            f"{r['kept']} ({pct(r['kept_precision'])}) | {r['requests_until_full']} | "
+            f"{r['kept']} ({pct(r['kept_precision'])}) | {stamp(r)} | {r['requests_until_full']} | "
             f"{r['round_seconds']:.0f} ({r['cyclegan_seconds']:.0f}) | "
             f"{pct(r['round1_goodnet_clean_target']) if 'round1_goodnet_clean_target' in r else '-'} |"
         )
