@@ -20,10 +20,11 @@
    3.5% -> 6.7 and 8.1% over two seeds; with replay 3.4 and 2.6%).
    A stamped trigger (a patch: the same pixels, in the same place, in most kept images;
    :func:`stamp_region`) is also transplanted: the second treated copy takes those pixels
-   from real kept images instead of gen_ab's imitation (ours, not the paper's). Fine-tuning
-   on the real trigger pasted into the validation images took the patch BadNet's round 1 to
-   ASR 1.71% (its clean floor 1.80%), where gen_ab's copy left 4.84%; the transplant took it
-   to 2.13 / 2.04% over two seeds (4.84 / 4.20% without), at no cost in CA.
+   from real kept images instead of gen_ab's imitation (ours, not the paper's). On the patch
+   BadNet's round 1, treating with the attacker's own trigger (an oracle run, both copies)
+   left ASR 1.71%, at its clean floor (1.80%), where gen_ab's copies left 4.84%: the gap is
+   gen_ab's fidelity. The transplant took it to 2.13 / 2.04% over two seeds (4.84 / 4.20%
+   without), at no cost in CA.
 4. Fine-tune both models of the active round on the treatment set plus the clean images.
    Targets mix the label with the original suspect's answer (round 0's badnet) on the
    *clean* original (distillation, as ``prepare`` does), so the treated copy learns "answer
@@ -531,7 +532,8 @@ def run_repair_round(
         )
         stamps: list[Stamp | None] = [None] * len(inherited)
         for _, images, _ in gans:
-            region = stamp_region(images, domain_a) if cfg.transplant else None
+            looks = cfg.transplant and cfg.treatment != "gan"  # "gan" has no masked copy
+            region = stamp_region(images, domain_a) if looks else None
             stamps.append(None if region is None else (region, images))
             if region is not None:
                 progress(f"round {round_no}: a stamped trigger of {int(region.sum())} pixels")
