@@ -531,8 +531,8 @@ def run_repair_round(
             f"{len(triggers)} learned triggers ({len(inherited)} from earlier rounds)"
         )
         stamps: list[Stamp | None] = [None] * len(inherited)
+        looks = cfg.transplant and cfg.treatment != "gan"  # "gan" has no masked copy
         for _, images, _ in gans:
-            looks = cfg.transplant and cfg.treatment != "gan"  # "gan" has no masked copy
             region = stamp_region(images, domain_a) if looks else None
             stamps.append(None if region is None else (region, images))
             if region is not None:

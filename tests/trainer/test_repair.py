@@ -513,12 +513,8 @@ def test_a_stamped_trigger_is_found_where_the_attacker_put_it(
     patch = stamp_region(_quarantine_of(others, "patch"), clean)
     assert patch is not None
     rows, cols = np.where(patch)  # the zoo's patch: 4x4, one pixel in from the corner
-    assert patch.sum() == 16 and (rows.min(), rows.max(), cols.min(), cols.max()) == (
-        23,
-        26,
-        23,
-        26,
-    )
+    box = (rows.min(), rows.max(), cols.min(), cols.max())
+    assert patch.sum() == 16 and box == (23, 26, 23, 26)
     combo = stamp_region(_quarantine_of(others, "combo"), clean)  # two patches, both every time
     assert combo is not None and combo.sum() == 32
     assert combo[1:5, 1:5].all() and combo[23:27, 23:27].all()
