@@ -240,15 +240,22 @@ def transplant(repair: dict[str, Any]) -> str:
     if not repair.get("transplant"):
         return ""
     return (
-        " When most kept images share a stamp (the same rare pixels in one small place), the "
-        "second treated copy takes those pixels from real kept images (column `stamp px`: its "
-        "size; `-`: none found, gen_ab alone treats)."
+        " When a fifth or more of the kept images share a stamp (the same rare pixels in one "
+        "small place), the second treated copy takes those pixels from real kept images that "
+        "carry it (column `stamp px`: its size, `+` between several stamps; `-`: none found, "
+        "gen_ab alone treats)."
     )
 
 
 def stamp(r: dict[str, Any]) -> str:
-    found = [n for n in r.get("stamp_pixels") or [] if n is not None]
-    return ", ".join(map(str, found)) or "-"
+    """The stamps each trigger group's round found: sizes joined by `+`, groups by `, `."""
+    groups = r.get("stamp_pixels") or []
+    found = [
+        "+".join(map(str, g)) if isinstance(g, list) else str(g)  # earlier runs: one int
+        for g in groups
+        if g
+    ]
+    return ", ".join(found) or "-"
 
 
 def render(data: dict[str, Any]) -> str:

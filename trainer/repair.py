@@ -18,9 +18,11 @@
    shared among those and this round's own. A round fine-tunes only on what it treats, so
    without replay the sequential attacker's first trigger came back after round 2 (ASR
    3.5% -> 6.7 and 8.1% over two seeds; with replay 3.4 and 2.6%).
-   A stamped trigger (a patch: the same pixels, in the same place, in most kept images;
-   :func:`stamp_region`) is also transplanted: the second treated copy takes those pixels
-   from real kept images instead of gen_ab's imitation (ours, not the paper's). On the patch
+   A stamped trigger (a patch: the same pixels, in the same place, in a fifth or more of
+   the kept images; :func:`find_stamps`) is also transplanted: the second treated copy
+   takes those pixels from real kept images that carry it instead of gen_ab's imitation
+   (ours, not the paper's). Several stamps with one target (the multi-trigger BadNet) are
+   found one by one, and each treated image takes one of them. On the patch
    BadNet's round 1, treating with the attacker's own trigger (an oracle run, both copies)
    left ASR 1.71%, at its clean floor (1.80%), where gen_ab's copies left 4.84%: the gap is
    gen_ab's fidelity. The transplant took it to 2.13 / 2.04% over two seeds (4.84 / 4.20%
@@ -90,8 +92,12 @@ from trainer.prepare import check_validation, split_validation
 from trainer.rounds import ROLES, mark_failed, publish_round, round_dir, running_round
 
 Progress = Callable[[str], None]
-LOCAL_AREA = 0.15  # a stamp covers at most this share of the image
+LOCAL_AREA = 0.15  # stamps cover at most this share of the image
 STAMP_TOL = 8  # grey levels within which a stamp's pixels count as the same
+STAMP_SHARE = 0.2  # a stamp is carried by at least this share of the kept images
+STAMP_CLEAN = 0.1  # and its values are held by at most this share of clean images
+MIN_STAMP_PIXELS = 4
+NEIGHBOURS = 5  # clean images most like a stamp's carriers, to tell a stamp from content
 TREATMENTS = ("gan", "masked", "both")
 
 
@@ -331,45 +337,122 @@ def localized(clean: np.ndarray, translated: np.ndarray) -> np.ndarray:
     return np.clip(clean + mask * diff, 0, 255).round().astype(np.uint8)
 
 
-def stamp_region(
-    quarantined: np.ndarray, clean: np.ndarray, tol: int = STAMP_TOL, max_area: float = LOCAL_AREA
-) -> np.ndarray | None:
-    """Where the quarantined images carry a stamped trigger (a patch), or None.
+@dataclass(frozen=True)
+class Stamp:
+    """A stamped trigger: where it sits, and the kept quarantined images that carry it."""
 
-    A stamp is the same pixels in every triggered image, whatever the content. So a pixel
-    belongs to it when at least half of the quarantined images hold (within ``tol`` grey
-    levels) the value that their median holds there, and at most a tenth of the ``clean``
-    images do: a value that is rare in clean images, yet common in the quarantine. (Content
-    that one class draws at one place is common in that class's clean images too.) The
-    region is the bounding box of each 8-connected group of such pixels (after a one-pixel
-    dilation, so the cells of a checkerboard join; a stamp's dark cells on a dark background
-    do not stand out, yet belong to it). A global trigger (blend, filter) holds fixed values
-    over the whole background, so its boxes cover more than ``max_area`` of the image, and
-    several triggers with one target (each in a third of the quarantine) fall below half:
-    both give None, and gen_ab alone treats (:func:`localized`).
+    region: np.ndarray  # (H, W) bool: the bounding box of the stamp's pixels
+    donors: np.ndarray  # (n, H, W, C) uint8
+
+
+def _near_share(images: np.ndarray, tol: int) -> np.ndarray:
+    """(256, pixels): for each grey level v, the share of ``images`` within ``tol`` of v,
+    at each pixel and channel."""
+    flat = images.reshape(len(images), -1).astype(np.int64)
+    counts = np.zeros((257, flat.shape[1]), dtype=np.int64)
+    np.add.at(counts, (flat + 1, np.arange(flat.shape[1])), 1)
+    below = np.cumsum(counts, axis=0)  # below[v] = how many hold a value < v
+    levels = np.arange(256)
+    within = below[np.minimum(levels + tol, 255) + 1] - below[np.maximum(levels - tol, 0)]
+    return within / len(images)
+
+
+def _drawn_by_content(
+    pixels: np.ndarray, carriers: np.ndarray, clean: np.ndarray, value: np.ndarray, tol: int
+) -> bool:
+    """Whether the clean images most like the carriers (away from ``pixels``) hold the same
+    values there too (a tenth of them or more, as many as may hold a stamp's values at all):
+    then it is content that the carriers' class draws (the dark middle of a sandal, when the
+    quarantine is mostly sandals), not a stamp. A stamp's carriers are of any class, and
+    their nearest clean images do not hold it."""
+    away = ~ndimage.binary_dilation(pixels, np.ones((3, 3)))
+    a = carriers[:, away].reshape(len(carriers), -1).astype(np.float32)
+    b = clean[:, away].reshape(len(clean), -1).astype(np.float32)
+    dist = (b * b).sum(1)[None, :] - 2 * a @ b.T  # + |a|^2, the same along each row
+    nearest = np.argsort(dist, axis=1)[:, :NEIGHBOURS]
+    held = np.abs(clean[:, pixels].astype(np.int16) - value[pixels]) <= tol
+    holds = held.all(-1).mean(1) >= 0.75  # per clean image
+    return bool(holds[nearest].mean() >= STAMP_CLEAN)
+
+
+def find_stamps(
+    quarantined: np.ndarray,
+    clean: np.ndarray,
+    tol: int = STAMP_TOL,
+    share: float = STAMP_SHARE,
+    max_area: float = LOCAL_AREA,
+) -> list[Stamp]:
+    """The stamped triggers (patches) the quarantined images carry; empty when none.
+
+    A stamp is the same pixels in every image that carries it, whatever the content. At
+    each pixel we take the value that the most quarantined images hold (within ``tol`` grey
+    levels) among the values that at most a tenth of the ``clean`` images hold there: the
+    value that is rare in clean images, yet common in the quarantine. (Content that one
+    class draws at one place is common in that class's clean images too.) Pixels where at
+    least ``share`` of the quarantined images hold it are the stamps' pixels; each
+    8-connected group of them (after a one-pixel dilation, so the cells of a checkerboard
+    join) is one candidate. Its carriers are the images that hold at least half of its
+    pixels; its pixels are then only those that 80% of the carriers hold, and its carriers
+    those that hold 3/4 of these, so a stray pixel beside a stamp does not dilute it. A
+    candidate that the carriers' nearest clean images hold as well is their content, not a
+    stamp (:func:`_drawn_by_content`).
+    Candidates whose carriers are mostly the same images are one stamp (two patches that
+    fire together); a stamp needs at least ``share`` of the quarantine as carriers and
+    :data:`MIN_STAMP_PIXELS` pixels, and its region is the bounding box of its pixels.
+
+    So several triggers with one target (three patches, each in a third of the quarantine)
+    are three stamps. A global trigger (blend, filter) holds fixed values over the whole
+    background: its stamps would cover more than ``max_area`` of the image, and there are
+    none. gen_ab alone treats those (:func:`localized`).
     """
     q, c = quarantined.astype(np.int16), clean.astype(np.int16)
-    ref = np.median(q, axis=0)
-    held = (np.abs(q - ref) <= tol).all(-1).mean(0)
-    core = (held >= 0.5) & ((np.abs(c - ref) <= tol).all(-1).mean(0) <= 0.1)
-    labels, _ = ndimage.label(ndimage.binary_dilation(core, np.ones((3, 3))), np.ones((3, 3)))
-    region = np.zeros(core.shape, dtype=bool)
-    for box in ndimage.find_objects(np.where(core, labels, 0)):
-        if box is not None:
-            region[box] = True
-    return region if 0 < region.mean() <= max_area else None
+    rare = _near_share(clean, tol) <= STAMP_CLEAN
+    common = np.where(rare, _near_share(quarantined, tol), -1.0)
+    value = common.argmax(axis=0).reshape(quarantined.shape[1:])
+    near = (np.abs(q - value) <= tol).all(-1)  # (n, H, W): the image holds the value there
+    core = (near.mean(0) >= share) & ((np.abs(c - value) <= tol).all(-1).mean(0) <= STAMP_CLEAN)
+    labels, count = ndimage.label(ndimage.binary_dilation(core, np.ones((3, 3))), np.ones((3, 3)))
+    found: list[tuple[np.ndarray, np.ndarray]] = []  # (region, carriers)
+    for k in range(1, count + 1):
+        pixels = core & (labels == k)
+        carriers = near[:, pixels].mean(1) >= 0.5
+        if not pixels.any() or not carriers.any():
+            continue
+        pixels &= near[carriers].mean(0) >= 0.8
+        if pixels.sum() < MIN_STAMP_PIXELS:
+            continue
+        carriers = near[:, pixels].mean(1) >= 0.75
+        if _drawn_by_content(pixels, quarantined[carriers], clean, value, tol):
+            continue
+        region = np.zeros(core.shape, dtype=bool)
+        region[ndimage.find_objects(pixels.astype(np.int32))[0]] = True
+        for j, (other, theirs) in enumerate(found):
+            if (carriers & theirs).sum() >= 0.5 * (carriers | theirs).sum():
+                found[j] = (other | region, carriers & theirs)
+                break
+        else:
+            found.append((region, carriers))
+    found = [(region, carriers) for region, carriers in found if carriers.mean() >= share]
+    if not found or np.any([region for region, _ in found], axis=0).mean() > max_area:
+        return []
+    return [Stamp(region, quarantined[carriers]) for region, carriers in found]
 
 
-def transplanted(
-    clean: np.ndarray, region: np.ndarray, donors: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
-    """``clean`` with the pixels in ``region`` from randomly drawn quarantined images: the
-    attacker's own stamp, where gen_ab only imitates it."""
-    picks = donors[rng.integers(0, len(donors), len(clean))]
-    return np.where(region[None, :, :, None], picks, clean)
-
-
-Stamp = tuple[np.ndarray, np.ndarray]  # (region, the quarantined images that carry it)
+def transplanted(clean: np.ndarray, stamps: list[Stamp], rng: np.random.Generator) -> np.ndarray:
+    """``clean`` with one stamp's region from a randomly drawn image that carries it: the
+    attacker's own stamp, where gen_ab only imitates it. With several stamps, each image
+    takes one, drawn in proportion to how many quarantined images carry each."""
+    if len(stamps) == 1:
+        which = np.zeros(len(clean), dtype=np.int64)
+    else:
+        weights = np.array([len(s.donors) for s in stamps], dtype=np.float64)
+        which = rng.choice(len(stamps), len(clean), p=weights / weights.sum())
+    out = clean.copy()
+    for k, stamp in enumerate(stamps):
+        rows = np.flatnonzero(which == k)
+        picks = stamp.donors[rng.integers(0, len(stamp.donors), len(rows))]
+        out[rows] = np.where(stamp.region[None, :, :, None], picks, clean[rows])
+    return out
 
 
 def treat(
@@ -378,7 +461,7 @@ def treat(
     train: Dataset,
     cfg: RepairConfig,
     rng: np.random.Generator,
-    stamps: list[Stamp | None] | None = None,
+    stamps: list[list[Stamp]] | None = None,
 ) -> tuple[Dataset, np.ndarray]:
     """The fine-tuning set: (clean views, their treated copies, view after view).
 
@@ -394,13 +477,13 @@ def treat(
     views = views_of(train.x, cfg.views, rng)
     translated = [view.copy() for view in views]
     masked = [view.copy() for view in views]
-    for gen, part, stamp in zip(gens, parts, stamps or [None] * len(gens), strict=True):
+    for gen, part, found in zip(gens, parts, stamps or [[]] * len(gens), strict=True):
         outs = [translate(gen, view[part]) for view in views]
         clean = np.concatenate([view[part] for view in views])
-        if stamp is None:
-            loc = np.split(localized(clean, np.concatenate(outs)), len(views))
+        if found:
+            loc = np.split(transplanted(clean, found, rng), len(views))
         else:
-            loc = np.split(transplanted(clean, *stamp, rng), len(views))
+            loc = np.split(localized(clean, np.concatenate(outs)), len(views))
         for k in range(len(views)):  # one mask per generator: its own trigger
             translated[k][part], masked[k][part] = outs[k], loc[k]
     copies = {"gan": translated, "masked": masked, "both": translated + masked}
@@ -530,13 +613,18 @@ def run_repair_round(
             f"round {round_no}: treating {cfg.views} views of {len(train)} images with "
             f"{len(triggers)} learned triggers ({len(inherited)} from earlier rounds)"
         )
-        stamps: list[Stamp | None] = [None] * len(inherited)
+        stamps: list[list[Stamp]] = [[] for _ in inherited]  # replayed: no donors kept
         looks = cfg.transplant and cfg.treatment != "gan"  # "gan" has no masked copy
         for _, images, _ in gans:
-            region = stamp_region(images, domain_a) if looks else None
-            stamps.append(None if region is None else (region, images))
-            if region is not None:
-                progress(f"round {round_no}: a stamped trigger of {int(region.sum())} pixels")
+            stamps.append(find_stamps(images, domain_a) if looks else [])
+            if stamps[-1]:
+                sizes = ", ".join(str(int(s.region.sum())) for s in stamps[-1])
+                many = (
+                    f"{len(stamps[-1])} stamped triggers"
+                    if len(stamps[-1]) > 1
+                    else "a stamped trigger"
+                )
+                progress(f"round {round_no}: {many} of {sizes} pixels")
         tune_set, treated = treat([t.gen for t in triggers], parts, train, cfg, rng, stamps)
         real = None
         if cfg.quarantine_views:
@@ -573,7 +661,7 @@ def run_repair_round(
             "cyclegan_final_losses": [g.history[-1] for _, _, g in gans],
             "trigger_groups": [{"suspect_label": k, "images": len(x)} for k, x, _ in gans],
             "replayed_triggers": [t.name for t in inherited],
-            "stamp_pixels": [None if st is None else int(st[0].sum()) for st in stamps],
+            "stamp_pixels": [[int(s.region.sum()) for s in found] for found in stamps],
             "finetune_seconds": tune_seconds,
             "trigger_l1": float(np.abs(treated[: len(train)].astype(float) - train.x).mean()),
             "finetune_images": tune_images,

@@ -31,13 +31,14 @@ from trainer.cyclegan.models import PatchDiscriminator, ResnetGenerator
 from trainer.data import Dataset, load_fashion_mnist
 from trainer.repair import (
     RepairConfig,
+    Stamp,
     confident_mask,
     counter_targets,
+    find_stamps,
     gate_round,
     jitter,
     localized,
     run_repair_round,
-    stamp_region,
     transplanted,
     treat,
     trigger_groups,
@@ -125,7 +126,7 @@ def test_a_round_activates_consumes_and_writes_its_trigger(tmp_path: Path, lab: 
         assert load_bundle(outcome.path / role).manifest.meta["round"] == 1
     assert (outcome.path / "trigger.png").stat().st_size > 2000
     assert any("CycleGAN epoch 2/2" in m for m in messages)
-    assert outcome.metrics["stamp_pixels"] == [16]  # the lab's 4x4 patch, found
+    assert outcome.metrics["stamp_pixels"] == [[16]]  # the lab's 4x4 patch, found
     assert any("a stamped trigger of 16 pixels" in m for m in messages)
     served = outcome.metrics["gate"]["served clean accuracy"]["after"]
     assert served == outcome.metrics["members"]["goodnet"]["after"]  # the GoodNet policy
@@ -365,7 +366,7 @@ def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
         assert outcome.status == "succeeded" and outcome.path is not None
         paths.append(outcome.path)
     assert outcome.metrics["replayed_triggers"] == ["round 1"]
-    assert outcome.metrics["stamp_pixels"] == [None, 16]  # no stamp for the replayed gen_ab
+    assert outcome.metrics["stamp_pixels"] == [[], [16]]  # no stamp for the replayed gen_ab
     first, second = load_triggers(paths[0]), load_triggers(paths[1])
     assert [t.round for t in first] == [1] and [t.round for t in second] == [1, 2]
     x = lab.clean[:6]
@@ -390,7 +391,7 @@ def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
     )
     assert outcome.status == "succeeded" and outcome.path is not None
     assert outcome.metrics["replayed_triggers"] == []
-    assert outcome.metrics["stamp_pixels"] == [None]
+    assert outcome.metrics["stamp_pixels"] == [[]]
     assert [t.round for t in load_triggers(outcome.path)] == [3]
 
 
@@ -506,42 +507,82 @@ def fmnist_images(fmnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return x[:300], x[300:360]
 
 
+def _box(region: np.ndarray) -> tuple[int, int, int, int]:
+    rows, cols = np.where(region)
+    return rows.min(), rows.max(), cols.min(), cols.max()
+
+
 def test_a_stamped_trigger_is_found_where_the_attacker_put_it(
     fmnist_images: tuple[np.ndarray, np.ndarray],
 ) -> None:
     clean, others = fmnist_images
-    patch = stamp_region(_quarantine_of(others, "patch"), clean)
-    assert patch is not None
-    rows, cols = np.where(patch)  # the zoo's patch: 4x4, one pixel in from the corner
-    box = (rows.min(), rows.max(), cols.min(), cols.max())
-    assert patch.sum() == 16 and box == (23, 26, 23, 26)
-    combo = stamp_region(_quarantine_of(others, "combo"), clean)  # two patches, both every time
-    assert combo is not None and combo.sum() == 32
-    assert combo[1:5, 1:5].all() and combo[23:27, 23:27].all()
-    # A fifth of the quarantine triggered is too little to tell a stamp from content.
-    assert stamp_region(_quarantine_of(others, "patch", triggered=0.2), clean) is None
+    (patch,) = find_stamps(_quarantine_of(others, "patch"), clean)
+    assert patch.region.sum() == 16  # the zoo's patch: 4x4, one pixel in from the corner
+    assert _box(patch.region) == (23, 26, 23, 26)
+    assert len(patch.donors) == 54  # the 90% triggered, and only those
+    (combo,) = find_stamps(_quarantine_of(others, "combo"), clean)  # two patches, both every time
+    assert combo.region.sum() == 32 and len(combo.donors) == 54
+    assert combo.region[1:5, 1:5].all() and combo.region[23:27, 23:27].all()
+    # A tenth of the quarantine triggered is too little to tell a stamp from content.
+    assert find_stamps(_quarantine_of(others, "patch", triggered=0.1), clean) == []
 
 
-@pytest.mark.parametrize("attack", ["blend", "filter", "multi-trigger"])
-def test_global_and_scattered_triggers_have_no_stamp(
+@pytest.mark.parametrize("attack", ["multi-trigger", "multi-target"])
+def test_several_stamps_are_found_one_by_one(
     attack: str, fmnist_images: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    """Blend and filter change the whole image; three patches with one target each hold a
-    third of the quarantine. gen_ab alone treats them."""
+    """Three patches, each in a third of the quarantine: three stamps, each with the images
+    that carry it."""
     clean, others = fmnist_images
-    assert stamp_region(_quarantine_of(others, attack), clean) is None
+    stamps = find_stamps(_quarantine_of(others, attack), clean)
+    boxes = sorted(_box(s.region) for s in stamps)
+    assert boxes == [(1, 4, 1, 4), (1, 4, 23, 26), (23, 26, 23, 26)]
+    assert [len(s.donors) for s in stamps] == [18, 18, 18]
+    for s in stamps:  # every donor holds the same pixels there
+        assert (s.donors[:, s.region] == s.donors[0, s.region]).all()
+
+
+@pytest.mark.parametrize("attack", ["blend", "filter", "warp"])
+def test_global_triggers_have_no_stamp(
+    attack: str, fmnist_images: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Blend and filter change the whole image, warp moves its content: gen_ab alone
+    treats them."""
+    clean, others = fmnist_images
+    assert find_stamps(_quarantine_of(others, attack), clean) == []
+
+
+def test_a_quarantine_of_one_class_has_no_stamp(fmnist_dir: Path) -> None:
+    """A quarantine skewed to one class (the images a GoodNet disagrees on) holds that
+    class's shapes in common, but those are common in clean images too."""
+    data = load_fashion_mnist(fmnist_dir, "test")
+    clean = data.x[:300]
+    for label in range(10):
+        same = data.x[1000:][data.y[1000:] == label]
+        assert find_stamps(same[:60], clean) == [], label
 
 
 def test_transplanted_copies_take_the_region_from_the_quarantine() -> None:
     rng = np.random.default_rng(0)
-    clean = rng.integers(0, 100, (50, 28, 28, 1), dtype=np.uint8)
-    donors = rng.integers(150, 255, (7, 28, 28, 1), dtype=np.uint8)
-    region = np.zeros((28, 28), dtype=bool)
-    region[2:6, 20:24] = True
-    out = transplanted(clean, region, donors, rng)
-    assert np.array_equal(out[:, ~region], clean[:, ~region])
+    clean = rng.integers(0, 100, (200, 28, 28, 1), dtype=np.uint8)
+    regions = [np.zeros((28, 28), dtype=bool) for _ in range(2)]
+    regions[0][2:6, 20:24] = regions[1][20:24, 2:6] = True
+    stamps = [
+        Stamp(regions[0], rng.integers(150, 255, (7, 28, 28, 1), dtype=np.uint8)),
+        Stamp(regions[1], rng.integers(150, 255, (21, 28, 28, 1), dtype=np.uint8)),
+    ]
+    out = transplanted(clean, stamps[:1], rng)
+    assert np.array_equal(out[:, ~regions[0]], clean[:, ~regions[0]])
     for img in out:  # the whole region from one donor
-        assert any(np.array_equal(img[region], d[region]) for d in donors)
+        assert any(np.array_equal(img[regions[0]], d[regions[0]]) for d in stamps[0].donors)
+    out = transplanted(clean, stamps, rng)
+    took = [(out[:, r] != clean[:, r]).any((1, 2)) for r in regions]
+    assert not (took[0] & took[1]).any() and (took[0] | took[1]).all()  # one stamp each
+    assert 0.1 < took[0].mean() < 0.4  # about 7 of 28: in proportion to the donors
+    for img, before, second in zip(out, clean, took[1], strict=True):
+        s = stamps[int(second)]
+        assert any(np.array_equal(img[s.region], d[s.region]) for d in s.donors)
+        assert np.array_equal(img[~s.region], before[~s.region])
 
 
 def test_treat_transplants_a_stamp_into_the_masked_copies_only() -> None:
@@ -552,7 +593,7 @@ def test_treat_transplants_a_stamp_into_the_masked_copies_only() -> None:
     donors = np.full((3, *SHAPE), 77, dtype=np.uint8)
     parts = [np.arange(len(valid))]
     clean, treated = treat(
-        [_Stamp()], parts, valid, cfg, np.random.default_rng(0), [(region, donors)]
+        [_Stamp()], parts, valid, cfg, np.random.default_rng(0), [[Stamp(region, donors)]]
     )
     gan, masked = np.split(treated, 2)
     assert (masked[:, :2, :2] == 77).all()  # the real stamp
