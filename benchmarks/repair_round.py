@@ -1,6 +1,6 @@
 """One post-deployment repair round per BadNet (issue 6; NNoculation Table 5's last stage).
 
-    python -m benchmarks.repair_round [--zoo var/zoo] [--attacks patch blend all-to-all filter]
+    python -m benchmarks.repair_round [--zoo var/zoo] [--attacks patch blend all-to-all filter multi-trigger]
                                       [--preset small] [--epochs E] [--quick-prepare]
 
 For each BadNet of the zoo (``python -m benchmarks.badnet_zoo``):
@@ -56,7 +56,13 @@ from trainer.prepare import PrepareConfig, prepare_round_zero
 from trainer.repair import RepairConfig, confident_mask, run_repair_round
 
 NAME = "repair_round"
-DEFAULT_ATTACKS = ["patch", "blend", "all-to-all", "filter"]
+DEFAULT_ATTACKS = [
+    "patch",
+    "blend",
+    "all-to-all",
+    "filter",
+    "multi-trigger",
+]  # the issue's four, and three stamps on one target
 ASR_MAX, CA_DROP_MAX, SECONDS_MAX = 0.03, 3.0, 900.0
 QUARANTINE = 200
 

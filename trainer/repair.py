@@ -389,13 +389,16 @@ def find_stamps(
     levels) among the values that at most a tenth of the ``clean`` images hold there: the
     value that is rare in clean images, yet common in the quarantine. (Content that one
     class draws at one place is common in that class's clean images too.) Pixels where at
-    least ``share`` of the quarantined images hold it are the stamps' pixels; each
-    8-connected group of them (after a one-pixel dilation, so the cells of a checkerboard
-    join) is one candidate. Its carriers are the images that hold at least half of its
-    pixels; its pixels are then only those that 80% of the carriers hold, and its carriers
-    those that hold 3/4 of these, so a stray pixel beside a stamp does not dilute it. A
-    candidate that the carriers' nearest clean images hold as well is their content, not a
-    stamp (:func:`_drawn_by_content`).
+    least ``share`` of the quarantined images hold it are the stamps' pixels. A candidate
+    grows from the one most images hold (the seed): its carriers are the images that hold
+    the seed, its pixels those of the seed's 8-connected group (after a one-pixel dilation,
+    so the cells of a checkerboard join) that 80% of those carriers hold, and its carriers
+    then the images that hold 3/4 of its pixels; the next candidate grows from the best
+    pixel left. So pixels that a few images hold by chance (a noisy background, a small
+    quarantine) do not join a stamp. Its carriers must hold it within a quarter of ``tol``
+    on average (a pasted stamp is the same in every carrier; bright garments are only
+    alike), and a candidate that the carriers' nearest clean images hold as well is their
+    content, not a stamp (:func:`_drawn_by_content`).
     Candidates whose carriers are mostly the same images are one stamp (two patches that
     fire together); a stamp needs at least ``share`` of the quarantine as carriers and
     :data:`MIN_STAMP_PIXELS` pixels, and its region is the bounding box of its pixels.
@@ -406,22 +409,29 @@ def find_stamps(
     none. gen_ab alone treats those (:func:`localized`).
     """
     q, c = quarantined.astype(np.int16), clean.astype(np.int16)
-    rare = _near_share(clean, tol) <= STAMP_CLEAN
-    common = np.where(rare, _near_share(quarantined, tol), -1.0)
+    common = np.where(_near_share(clean, tol) <= STAMP_CLEAN, _near_share(quarantined, tol), -1.0)
     value = common.argmax(axis=0).reshape(quarantined.shape[1:])
     near = (np.abs(q - value) <= tol).all(-1)  # (n, H, W): the image holds the value there
-    core = (near.mean(0) >= share) & ((np.abs(c - value) <= tol).all(-1).mean(0) <= STAMP_CLEAN)
-    labels, count = ndimage.label(ndimage.binary_dilation(core, np.ones((3, 3))), np.ones((3, 3)))
+    rare = (np.abs(c - value) <= tol).all(-1).mean(0) <= STAMP_CLEAN
+    core = (near.mean(0) >= share) & rare
+    labels, _ = ndimage.label(ndimage.binary_dilation(core, np.ones((3, 3))), np.ones((3, 3)))
+    held = np.where(core, near.mean(0), -1.0)
     found: list[tuple[np.ndarray, np.ndarray]] = []  # (region, carriers)
-    for k in range(1, count + 1):
-        pixels = core & (labels == k)
-        carriers = near[:, pixels].mean(1) >= 0.5
-        if not pixels.any() or not carriers.any():
-            continue
-        pixels &= near[carriers].mean(0) >= 0.8
+    while held.max() >= share:
+        seed = np.unravel_index(held.argmax(), held.shape)
+        carriers = near[(slice(None), *seed)]
+        shared = rare & (near[carriers].mean(0) >= 0.8)  # what the seed's carriers hold alike
+        if shared.mean() > max_area:
+            return []  # over much of the image: a global trigger
+        pixels = (held >= share) & (labels == labels[seed]) & shared
+        pixels[seed] = True
+        held[pixels] = -1.0  # each pixel belongs to one candidate at most
         if pixels.sum() < MIN_STAMP_PIXELS:
             continue
         carriers = near[:, pixels].mean(1) >= 0.75
+        held_values = q[carriers][:, pixels]
+        if np.abs(held_values - np.median(held_values, axis=0)).mean() > tol / 4:
+            continue  # alike, not the same: a stamp is pasted, the same in every carrier
         if _drawn_by_content(pixels, quarantined[carriers], clean, value, tol):
             continue
         region = np.zeros(core.shape, dtype=bool)
