@@ -26,7 +26,9 @@
    BadNet's round 1, treating with the attacker's own trigger (an oracle run, both copies)
    left ASR 1.71%, at its clean floor (1.80%), where gen_ab's copies left 4.84%: the gap is
    gen_ab's fidelity. The transplant took it to 2.13 / 2.04% over two seeds (4.84 / 4.20%
-   without), at no cost in CA.
+   without), at no cost in CA. On the multi-trigger BadNet gen_ab learned two of the three
+   patches (docs/results/repair_round_multi-trigger_trigger.png); without the transplant
+   its round 1 was rejected by the gate (a scratch run, seed 0), with it ASR ended at 2.35%.
 4. Fine-tune both models of the active round on the treatment set plus the clean images.
    Targets mix the label with the original suspect's answer (round 0's badnet) on the
    *clean* original (distillation, as ``prepare`` does), so the treated copy learns "answer
