@@ -255,13 +255,7 @@ def transplant(repair: dict[str, Any]) -> str:
 
 def stamp(r: dict[str, Any]) -> str:
     """The stamps each trigger group's round found: sizes joined by `+`, groups by `, `."""
-    groups = r.get("stamp_pixels") or []
-    found = [
-        "+".join(map(str, g)) if isinstance(g, list) else str(g)  # earlier runs: one int
-        for g in groups
-        if g
-    ]
-    return ", ".join(found) or "-"
+    return ", ".join("+".join(map(str, g)) for g in r.get("stamp_pixels") or [] if g) or "-"
 
 
 def render(data: dict[str, Any]) -> str:

@@ -360,10 +360,10 @@ def _near_share(images: np.ndarray, tol: int) -> np.ndarray:
 
 
 def _drawn_by_content(
-    pixels: np.ndarray, carriers: np.ndarray, clean: np.ndarray, value: np.ndarray, tol: int
+    pixels: np.ndarray, carriers: np.ndarray, clean: np.ndarray, clean_near: np.ndarray
 ) -> bool:
     """Whether the clean images most like the carriers (away from ``pixels``) hold the same
-    values there too (a tenth of them or more, as many as may hold a stamp's values at all):
+    values there too (``clean_near``: where each clean image holds the stamp's value) (a tenth of them or more, as many as may hold a stamp's values at all):
     then it is content that the carriers' class draws (the dark middle of a sandal, when the
     quarantine is mostly sandals), not a stamp. A stamp's carriers are of any class, and
     their nearest clean images do not hold it."""
@@ -372,8 +372,7 @@ def _drawn_by_content(
     b = clean[:, away].reshape(len(clean), -1).astype(np.float32)
     dist = (b * b).sum(1)[None, :] - 2 * a @ b.T  # + |a|^2, the same along each row
     nearest = np.argsort(dist, axis=1)[:, :NEIGHBOURS]
-    held = np.abs(clean[:, pixels].astype(np.int16) - value[pixels]) <= tol
-    holds = held.all(-1).mean(1) >= 0.75  # per clean image
+    holds = clean_near[:, pixels].mean(1) >= 0.75  # per clean image
     return bool(holds[nearest].mean() >= STAMP_CLEAN)
 
 
@@ -414,10 +413,12 @@ def find_stamps(
     common = np.where(_near_share(clean, tol) <= STAMP_CLEAN, _near_share(quarantined, tol), -1.0)
     value = common.argmax(axis=0).reshape(quarantined.shape[1:])
     near = (np.abs(q - value) <= tol).all(-1)  # (n, H, W): the image holds the value there
-    rare = (np.abs(c - value) <= tol).all(-1).mean(0) <= STAMP_CLEAN
-    core = (near.mean(0) >= share) & rare
+    clean_near = (np.abs(c - value) <= tol).all(-1)
+    rare = clean_near.mean(0) <= STAMP_CLEAN
+    held = near.mean(0)
+    core = (held >= share) & rare
     labels, _ = ndimage.label(ndimage.binary_dilation(core, np.ones((3, 3))), np.ones((3, 3)))
-    held = np.where(core, near.mean(0), -1.0)
+    held[~core] = -1.0
     found: list[tuple[np.ndarray, np.ndarray]] = []  # (region, carriers)
     while held.max() >= share:
         seed = np.unravel_index(held.argmax(), held.shape)
@@ -434,7 +435,7 @@ def find_stamps(
         held_values = q[carriers][:, pixels]
         if np.abs(held_values - np.median(held_values, axis=0)).mean() > tol / 4:
             continue  # alike, not the same: a stamp is pasted, the same in every carrier
-        if _drawn_by_content(pixels, quarantined[carriers], clean, value, tol):
+        if _drawn_by_content(pixels, quarantined[carriers], clean, clean_near):
             continue
         region = np.zeros(core.shape, dtype=bool)
         region[ndimage.find_objects(pixels.astype(np.int32))[0]] = True
