@@ -53,7 +53,7 @@ from trainer.data import Dataset
 from trainer.lab import attack_of
 from trainer.loop import accuracy
 from trainer.prepare import PrepareConfig, prepare_round_zero
-from trainer.repair import RepairConfig, confident_mask, run_repair_round
+from trainer.repair import RepairConfig, confident_mask, describe_gate, run_repair_round
 
 NAME = "repair_round"
 DEFAULT_ATTACKS = [
@@ -185,6 +185,7 @@ def one_attack(
             "round_seconds": seconds,
             "cyclegan_seconds": outcome.metrics["cyclegan_seconds"],
             "stamp_pixels": outcome.metrics.get("stamp_pixels"),
+            "gate": outcome.metrics["gate"],
         }
         for stage, bundle in (
             ("badnet", load_bundle(zoo_dir)),
@@ -204,8 +205,6 @@ def one_attack(
             png = RESULTS_DIR / f"{NAME}_{name}_trigger.png"
             shutil.copy(outcome.path / "trigger.png", png)
             row["trigger_png"] = png.name
-        else:
-            row["gate"] = outcome.metrics["gate"]
     print({k: v for k, v in row.items() if k != "trigger_png"}, flush=True)
     return row
 
@@ -258,6 +257,12 @@ def stamp(r: dict[str, Any]) -> str:
     return ", ".join("+".join(map(str, g)) for g in r.get("stamp_pixels") or [] if g) or "-"
 
 
+def gate(r: dict[str, Any]) -> str:
+    """The round's gate: served clean accuracy on the gate split, before -> after, in %."""
+    ca = (r.get("gate") or {}).get("served clean accuracy")
+    return f"{100 * ca['before']:.2f} -> {100 * ca['after']:.2f}" if ca else "-"
+
+
 def render(data: dict[str, Any]) -> str:
     pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
     g = data["cyclegan"]
@@ -279,15 +284,15 @@ def render(data: dict[str, Any]) -> str:
         "error, which no backdoor repair removes.",
         "",
         "| attack | BadNet CA / ASR % | round 0 GoodNet CA / ASR % | round 1 GoodNet CA / ASR % | round 1 BadNet CA / ASR % | "
-        "quarantine precision / recall % | kept (precision %) | stamp px | requests to fill | round s (CycleGAN s) | "
-        "round 1 GoodNet: target on clean images % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "quarantine precision / recall % | kept (precision %) | stamp px | requests to fill | gate: served CA % before -> after | "
+        "round s (CycleGAN s) | round 1 GoodNet: target on clean images % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         r1g = (
             f"{pct(r['round1_goodnet_ca'])} / {pct(r['round1_goodnet_asr'])}"
             if r["status"] == "succeeded"
-            else f"rejected by the gate: {r.get('gate')}"
+            else f"rejected by the gate: {describe_gate(r['gate'])}"
         )
         r1b = (
             f"{pct(r['round1_badnet_ca'])} / {pct(r['round1_badnet_asr'])}"
@@ -298,7 +303,7 @@ def render(data: dict[str, Any]) -> str:
             f"| {r['attack']} | {pct(r['badnet_ca'])} / {pct(r['badnet_asr'])} | "
             f"{pct(r['round0_goodnet_ca'])} / {pct(r['round0_goodnet_asr'])} | {r1g} | {r1b} | "
             f"{pct(r['quarantine_precision'])} / {pct(r['quarantine_recall'])} | "
-            f"{r['kept']} ({pct(r['kept_precision'])}) | {stamp(r)} | {r['requests_until_full']} | "
+            f"{r['kept']} ({pct(r['kept_precision'])}) | {stamp(r)} | {r['requests_until_full']} | {gate(r)} | "
             f"{r['round_seconds']:.0f} ({r['cyclegan_seconds']:.0f}) | "
             f"{pct(r['round1_goodnet_clean_target']) if 'round1_goodnet_clean_target' in r else '-'} |"
         )

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.repair_round import ASR_MAX, CA_DROP_MAX, collect, stamp, store_quarantine
+from benchmarks.repair_round import ASR_MAX, CA_DROP_MAX, collect, gate, stamp, store_quarantine
 from benchmarks.results import (
     RESULTS_DIR,
     checks_line,
@@ -111,6 +111,7 @@ def run(zoo_dir: Path) -> dict[str, Any]:
                 "status": outcome.status,
                 "round_seconds": time.perf_counter() - start,
                 "stamp_pixels": outcome.metrics.get("stamp_pixels"),
+                "gate": outcome.metrics.get("gate"),
             }
             rounds.append(row)
             if outcome.path is None:
@@ -173,14 +174,14 @@ def render(data: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| round | triggers streamed | requests | quarantined (precision %) | kept (precision %) | stamps found (px) | status | round s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| round | triggers streamed | requests | quarantined (precision %) | kept (precision %) | stamps found (px) | gate: served CA % before -> after | status | round s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rounds"]:
         lines.append(
             f"| {r['round']} | {', '.join(r['triggers_streamed'])} | {r['requests']} | "
             f"{r['quarantined']} ({pct(r['quarantine_precision'])}) | {r['kept']} ({pct(r['kept_precision'])}) | "
-            f"{stamp(r)} | {r['status']} | {r['round_seconds']:.0f} |"
+            f"{stamp(r)} | {gate(r)} | {r['status']} | {r['round_seconds']:.0f} |"
         )
     lines += [
         "",
