@@ -19,16 +19,20 @@
    without replay the sequential attacker's first trigger came back after round 2 (ASR
    3.5% -> 6.7 and 8.1% over two seeds; with replay 3.4 and 2.6%).
    A stamped trigger (a patch: the same pixels, in the same place, in a fifth or more of
-   the kept images; :func:`find_stamps`) is also transplanted: the second treated copy
-   takes those pixels from real kept images that carry it instead of gen_ab's imitation
-   (ours, not the paper's). Several stamps with one target (the multi-trigger BadNet) are
-   found one by one, and each treated image takes one of them. On the patch
-   BadNet's round 1, treating with the attacker's own trigger (an oracle run, both copies)
-   left ASR 1.71%, at its clean floor (1.80%), where gen_ab's copies left 4.84%: the gap is
-   gen_ab's fidelity. The transplant took it to 2.13 / 2.04% over two seeds (4.84 / 4.20%
-   without), at no cost in CA. On the multi-trigger BadNet gen_ab learned two of the three
-   patches (docs/results/repair_round_multi-trigger_trigger.png); without the transplant
-   its round 1 was rejected by the gate (a scratch run, seed 0), with it ASR ended at 2.35%.
+   the kept images; ``trainer.stamps.find_stamps``) is transplanted instead: both treated
+   copies take those pixels from real kept images that carry it, in place of gen_ab's
+   imitation (ours, not the paper's). Several stamps with one target (the multi-trigger
+   BadNet) are found one by one, and each treated image takes one of them. The round keeps
+   its stamps with its generators, so later rounds replay the real stamp too.
+   On the patch BadNet's round 1, treating with the attacker's own trigger (an oracle run,
+   both copies) left ASR 1.71% at CA 90.24%, where gen_ab's copies left 4.84% at 88.68%:
+   the gap is gen_ab's fidelity, and its redrawing of the whole image (gen_ab's copies
+   differ from the clean image by 36-39 grey levels a pixel on blend and filter, the real
+   trigger by 22-24). The transplant in the second copy only took ASR to 2.13 / 2.04% over
+   two seeds; in both copies to 1.69% at CA 90.36%, the oracle's level. On the multi-trigger
+   BadNet (gen_ab learned two of its three patches) round 1 went from rejected by its gate
+   (no transplant) to 2.18% (second copy) to 1.78% (both). These are scratch runs on one
+   round 0, seed 0.
 4. Fine-tune both models of the active round on the treatment set plus the clean images.
    Targets mix the label with the original suspect's answer (round 0's badnet) on the
    *clean* original (distillation, as ``prepare`` does), so the treated copy learns "answer
@@ -70,7 +74,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.bundle import Bundle, InputSpec, batched_logits, save_bundle
@@ -92,14 +95,9 @@ from trainer.data import Dataset
 from trainer.loop import MAX_SHIFT, FitConfig, accuracy, distilled_targets, fit
 from trainer.prepare import check_validation, split_validation
 from trainer.rounds import ROLES, mark_failed, publish_round, round_dir, running_round
+from trainer.stamps import Stamp, find_stamps, transplanted
 
 Progress = Callable[[str], None]
-LOCAL_AREA = 0.15  # stamps cover at most this share of the image
-STAMP_TOL = 8  # grey levels within which a stamp's pixels count as the same
-STAMP_SHARE = 0.2  # a stamp is carried by at least this share of the kept images
-STAMP_CLEAN = 0.1  # and its values are held by at most this share of clean images
-MIN_STAMP_PIXELS = 4
-NEIGHBOURS = 5  # clean images most like a stamp's carriers, to tell a stamp from content
 TREATMENTS = ("gan", "masked", "both")
 
 
@@ -339,135 +337,6 @@ def localized(clean: np.ndarray, translated: np.ndarray) -> np.ndarray:
     return np.clip(clean + mask * diff, 0, 255).round().astype(np.uint8)
 
 
-@dataclass(frozen=True)
-class Stamp:
-    """A stamped trigger: where it sits, and the kept quarantined images that carry it."""
-
-    region: np.ndarray  # (H, W) bool: the bounding box of the stamp's pixels
-    donors: np.ndarray  # (n, H, W, C) uint8
-
-
-def _near_share(images: np.ndarray, tol: int) -> np.ndarray:
-    """(256, pixels): for each grey level v, the share of ``images`` within ``tol`` of v,
-    at each pixel and channel."""
-    flat = images.reshape(len(images), -1).astype(np.int64)
-    counts = np.zeros((257, flat.shape[1]), dtype=np.int64)
-    np.add.at(counts, (flat + 1, np.arange(flat.shape[1])), 1)
-    below = np.cumsum(counts, axis=0)  # below[v] = how many hold a value < v
-    levels = np.arange(256)
-    within = below[np.minimum(levels + tol, 255) + 1] - below[np.maximum(levels - tol, 0)]
-    return within / len(images)
-
-
-def _drawn_by_content(
-    pixels: np.ndarray, carriers: np.ndarray, clean: np.ndarray, clean_near: np.ndarray
-) -> bool:
-    """Whether the clean images most like the carriers (away from ``pixels``) hold the same
-    values there too (``clean_near``: where each clean image holds the stamp's value) (a tenth of them or more, as many as may hold a stamp's values at all):
-    then it is content that the carriers' class draws (the dark middle of a sandal, when the
-    quarantine is mostly sandals), not a stamp. A stamp's carriers are of any class, and
-    their nearest clean images do not hold it."""
-    away = ~ndimage.binary_dilation(pixels, np.ones((3, 3)))
-    a = carriers[:, away].reshape(len(carriers), -1).astype(np.float32)
-    b = clean[:, away].reshape(len(clean), -1).astype(np.float32)
-    dist = (b * b).sum(1)[None, :] - 2 * a @ b.T  # + |a|^2, the same along each row
-    nearest = np.argsort(dist, axis=1)[:, :NEIGHBOURS]
-    holds = clean_near[:, pixels].mean(1) >= 0.75  # per clean image
-    return bool(holds[nearest].mean() >= STAMP_CLEAN)
-
-
-def find_stamps(
-    quarantined: np.ndarray,
-    clean: np.ndarray,
-    tol: int = STAMP_TOL,
-    share: float = STAMP_SHARE,
-    max_area: float = LOCAL_AREA,
-) -> list[Stamp]:
-    """The stamped triggers (patches) the quarantined images carry; empty when none.
-
-    A stamp is the same pixels in every image that carries it, whatever the content. At
-    each pixel we take the value that the most quarantined images hold (within ``tol`` grey
-    levels) among the values that at most a tenth of the ``clean`` images hold there: the
-    value that is rare in clean images, yet common in the quarantine. (Content that one
-    class draws at one place is common in that class's clean images too.) Pixels where at
-    least ``share`` of the quarantined images hold it are the stamps' pixels. A candidate
-    grows from the one most images hold (the seed): its carriers are the images that hold
-    the seed, its pixels those of the seed's 8-connected group (after a one-pixel dilation,
-    so the cells of a checkerboard join) that 80% of those carriers hold, and its carriers
-    then the images that hold 3/4 of its pixels; the next candidate grows from the best
-    pixel left. So pixels that a few images hold by chance (a noisy background, a small
-    quarantine) do not join a stamp. Its carriers must hold it within a quarter of ``tol``
-    on average (a pasted stamp is the same in every carrier; bright garments are only
-    alike), and a candidate that the carriers' nearest clean images hold as well is their
-    content, not a stamp (:func:`_drawn_by_content`).
-    Candidates whose carriers are mostly the same images are one stamp (two patches that
-    fire together); a stamp needs at least ``share`` of the quarantine as carriers and
-    :data:`MIN_STAMP_PIXELS` pixels, and its region is the bounding box of its pixels.
-
-    So several triggers with one target (three patches, each in a third of the quarantine)
-    are three stamps. A global trigger (blend, filter) holds fixed values over the whole
-    background: what a seed's carriers hold alike covers more than ``max_area`` of the
-    image, and there are no stamps. gen_ab alone treats those (:func:`localized`).
-    """
-    q, c = quarantined.astype(np.int16), clean.astype(np.int16)
-    common = np.where(_near_share(clean, tol) <= STAMP_CLEAN, _near_share(quarantined, tol), -1.0)
-    value = common.argmax(axis=0).reshape(quarantined.shape[1:])
-    near = (np.abs(q - value) <= tol).all(-1)  # (n, H, W): the image holds the value there
-    clean_near = (np.abs(c - value) <= tol).all(-1)
-    rare = clean_near.mean(0) <= STAMP_CLEAN
-    held = near.mean(0)
-    core = (held >= share) & rare
-    labels, _ = ndimage.label(ndimage.binary_dilation(core, np.ones((3, 3))), np.ones((3, 3)))
-    held[~core] = -1.0
-    found: list[tuple[np.ndarray, np.ndarray]] = []  # (region, carriers)
-    while held.max() >= share:
-        seed = np.unravel_index(held.argmax(), held.shape)
-        carriers = near[(slice(None), *seed)]
-        shared = rare & (near[carriers].mean(0) >= 0.8)  # what the seed's carriers hold alike
-        if shared.mean() > max_area:
-            return []  # over much of the image: a global trigger
-        pixels = (held >= share) & (labels == labels[seed]) & shared
-        pixels[seed] = True
-        held[pixels] = -1.0  # each pixel belongs to one candidate at most
-        if pixels.sum() < MIN_STAMP_PIXELS:
-            continue
-        carriers = near[:, pixels].mean(1) >= 0.75
-        held_values = q[carriers][:, pixels]
-        if np.abs(held_values - np.median(held_values, axis=0)).mean() > tol / 4:
-            continue  # alike, not the same: a stamp is pasted, the same in every carrier
-        if _drawn_by_content(pixels, quarantined[carriers], clean, clean_near):
-            continue
-        region = np.zeros(core.shape, dtype=bool)
-        region[ndimage.find_objects(pixels.astype(np.int32))[0]] = True
-        for j, (other, theirs) in enumerate(found):
-            if (carriers & theirs).sum() >= 0.5 * (carriers | theirs).sum():
-                found[j] = (other | region, carriers & theirs)
-                break
-        else:
-            found.append((region, carriers))
-    found = [(region, carriers) for region, carriers in found if carriers.mean() >= share]
-    if not found or np.any([region for region, _ in found], axis=0).mean() > max_area:
-        return []
-    return [Stamp(region, quarantined[carriers]) for region, carriers in found]
-
-
-def transplanted(clean: np.ndarray, stamps: list[Stamp], rng: np.random.Generator) -> np.ndarray:
-    """``clean`` with one stamp's region from a randomly drawn image that carries it: the
-    attacker's own stamp, where gen_ab only imitates it. With several stamps, each image
-    takes one, drawn in proportion to how many quarantined images carry each."""
-    if len(stamps) == 1:
-        which = np.zeros(len(clean), dtype=np.int64)
-    else:
-        weights = np.array([len(s.donors) for s in stamps], dtype=np.float64)
-        which = rng.choice(len(stamps), len(clean), p=weights / weights.sum())
-    out = clean.copy()
-    for k, stamp in enumerate(stamps):
-        rows = np.flatnonzero(which == k)
-        picks = stamp.donors[rng.integers(0, len(stamp.donors), len(rows))]
-        out[rows] = np.where(stamp.region[None, :, :, None], picks, clean[rows])
-    return out
-
-
 def treat(
     gens: list[Any],
     parts: list[np.ndarray],
@@ -485,17 +354,21 @@ def treat(
     then random mirrors and shifts, as gen_ab sees them), and ``cfg.treatment`` "both" adds,
     per view, a second copy with only the localized part of gen_ab's change
     (:func:`localized`). ``parts[i]`` are the images that generator ``gens[i]`` treats:
-    earlier rounds' generators and this round's own, each on its share.
+    earlier rounds' generators and this round's own, each on its share. Where that trigger
+    has stamps (``stamps[i]``, :func:`trainer.stamps.find_stamps`), both copies take the
+    attacker's own pixels from carriers instead (:func:`trainer.stamps.transplanted`):
+    gen_ab's imitation redraws the whole image, which costs clean accuracy.
     """
     views = views_of(train.x, cfg.views, rng)
     translated = [view.copy() for view in views]
     masked = [view.copy() for view in views]
     for gen, part, found in zip(gens, parts, stamps or [[]] * len(gens), strict=True):
-        outs = [translate(gen, view[part]) for view in views]
         clean = np.concatenate([view[part] for view in views])
-        if found:
+        if found:  # the attacker's own stamp in both copies, from two draws of carriers
+            outs = np.split(transplanted(clean, found, rng), len(views))
             loc = np.split(transplanted(clean, found, rng), len(views))
         else:
+            outs = [translate(gen, view[part]) for view in views]
             loc = np.split(localized(clean, np.concatenate(outs)), len(views))
         for k in range(len(views)):  # one mask per generator: its own trigger
             translated[k][part], masked[k][part] = outs[k], loc[k]
@@ -621,23 +494,20 @@ def run_repair_round(
 
             gan = train_cyclegan(domain_a, images, cfg.cyclegan, on_epoch=on_epoch)
             gans.append((label, images, gan))
-        triggers = inherited + [LearnedTrigger(g.gen_ab, round_no, k) for k, _, g in gans]
+        looks = cfg.transplant and cfg.treatment != "gan"  # "gan": gen_ab's copies alone
+        triggers = list(inherited)
+        for label, images, gan in gans:
+            found = find_stamps(images, domain_a) if looks else []
+            triggers.append(LearnedTrigger(gan.gen_ab, round_no, label, found))
+            if found:
+                sizes = ", ".join(str(int(s.region.sum())) for s in found)
+                many = f"{len(found)} stamped triggers" if len(found) > 1 else "a stamped trigger"
+                progress(f"round {round_no}: {many} of {sizes} pixels")
         progress(
             f"round {round_no}: treating {cfg.views} views of {len(train)} images with "
             f"{len(triggers)} learned triggers ({len(inherited)} from earlier rounds)"
         )
-        stamps: list[list[Stamp]] = [[] for _ in inherited]  # replayed: no donors kept
-        looks = cfg.transplant and cfg.treatment != "gan"  # "gan" has no masked copy
-        for _, images, _ in gans:
-            stamps.append(find_stamps(images, domain_a) if looks else [])
-            if stamps[-1]:
-                sizes = ", ".join(str(int(s.region.sum())) for s in stamps[-1])
-                many = (
-                    f"{len(stamps[-1])} stamped triggers"
-                    if len(stamps[-1]) > 1
-                    else "a stamped trigger"
-                )
-                progress(f"round {round_no}: {many} of {sizes} pixels")
+        stamps = [t.stamps if looks else [] for t in triggers]
         tune_set, treated = treat([t.gen for t in triggers], parts, train, cfg, rng, stamps)
         real = None
         if cfg.quarantine_views:

@@ -31,18 +31,16 @@ from trainer.cyclegan.models import PatchDiscriminator, ResnetGenerator
 from trainer.data import Dataset, load_fashion_mnist
 from trainer.repair import (
     RepairConfig,
-    Stamp,
     confident_mask,
     counter_targets,
-    find_stamps,
     gate_round,
     jitter,
     localized,
     run_repair_round,
-    transplanted,
     treat,
     trigger_groups,
 )
+from trainer.stamps import Stamp, find_stamps, transplanted
 
 TINY_GAN = CycleGANConfig(ngf=8, ndf=8, n_blocks=1, epochs=2, batch_size=16)
 TINY = RepairConfig(cyclegan=TINY_GAN, clean_images=64, epochs=1, ca_drop=100.0)
@@ -366,18 +364,30 @@ def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
         assert outcome.status == "succeeded" and outcome.path is not None
         paths.append(outcome.path)
     assert outcome.metrics["replayed_triggers"] == ["round 1"]
-    assert outcome.metrics["stamp_pixels"] == [[], [16]]  # no stamp for the replayed gen_ab
+    assert outcome.metrics["stamp_pixels"] == [[16], [16]]  # round 1's stamp, replayed
     first, second = load_triggers(paths[0]), load_triggers(paths[1])
     assert [t.round for t in first] == [1] and [t.round for t in second] == [1, 2]
     x = lab.clean[:6]
     assert np.array_equal(translate(second[0].gen, x), translate(first[0].gen, x))
     assert not np.array_equal(translate(second[1].gen, x), translate(first[0].gen, x))
+    (kept,), (again,) = first[0].stamps, second[0].stamps  # round 1's stamp, kept twice
+    assert kept.region.sum() == 16 and np.array_equal(again.region, kept.region)
+    assert np.array_equal(again.donors, kept.donors) and again.donors.dtype == np.uint8
+    assert np.isin(kept.donors[:, kept.region], (0, 255)).mean() > 0.9  # the lab's checker
+
+    # damaged stamps stop round 3 too (nothing is half-read)
+    stamps_file = paths[1] / second[0].stamps_file
+    good = stamps_file.read_bytes()
+    stamps_file.write_bytes(good[: len(good) // 2])
+    _quarantine(sessions, lab, 12, start=24)
+    with pytest.raises(DataError, match="learned triggers .* cannot be read"):
+        run_repair_round(sessions=sessions, store=tmp_path, round_no=3, valid=_valid(), cfg=cfg)
+    stamps_file.write_bytes(good)
     round0_badnet = (tmp_path / "rounds" / "0" / "badnet").resolve()
     assert {Path(str(p)).resolve() for p in teachers} == {round0_badnet}, teachers
 
     # a damaged trigger file stops round 3 before it exists; --no-replay runs it
     (paths[1] / second[0].file).write_bytes(b"not a safetensors file")
-    _quarantine(sessions, lab, 12, start=24)
     with pytest.raises(DataError, match="learned triggers .* cannot be read.*--no-replay"):
         run_repair_round(sessions=sessions, store=tmp_path, round_no=3, valid=_valid(), cfg=cfg)
     with sessions() as s:
@@ -585,7 +595,7 @@ def test_transplanted_copies_take_the_region_from_the_quarantine() -> None:
         assert np.array_equal(img[~s.region], before[~s.region])
 
 
-def test_treat_transplants_a_stamp_into_the_masked_copies_only() -> None:
+def test_treat_transplants_a_stamp_into_both_copies() -> None:
     valid = _valid()
     cfg = replace(TINY, views=2, treatment="both")
     region = np.zeros(SHAPE[:2], dtype=bool)
@@ -595,7 +605,28 @@ def test_treat_transplants_a_stamp_into_the_masked_copies_only() -> None:
     clean, treated = treat(
         [_Stamp()], parts, valid, cfg, np.random.default_rng(0), [[Stamp(region, donors)]]
     )
-    gan, masked = np.split(treated, 2)
-    assert (masked[:, :2, :2] == 77).all()  # the real stamp
-    assert np.array_equal(masked[:, 2:], clean.x[:, 2:])  # and nothing else
-    assert (gan[:, -3:, -3:] >= 254).all()  # the generator's copy is still its own
+    for copy in np.split(treated, 2):  # gen_ab's imitation is not used
+        assert (copy[:, :2, :2] == 77).all()  # the real stamp
+        assert np.array_equal(copy[:, 2:], clean.x[:, 2:])  # and nothing else
+
+
+def test_learned_stamps_round_trip_and_mismatched_ones_are_refused(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    from trainer.cyclegan.files import LearnedTrigger, save_triggers
+
+    rng = np.random.default_rng(0)
+    region = np.zeros(SHAPE[:2], dtype=bool)
+    region[:3, :3] = True
+    stamp = Stamp(region, rng.integers(0, 256, (5, *SHAPE), dtype=np.uint8))
+    gen = ResnetGenerator(SHAPE[2], 8, 1)
+    save_triggers(tmp_path, [LearnedTrigger(gen, 1, None, [stamp]), LearnedTrigger(gen, 2, 3)])
+    first, second = load_triggers(tmp_path)
+    assert second.stamps == [] and len(first.stamps) == 1
+    assert np.array_equal(first.stamps[0].region, region)
+    assert np.array_equal(first.stamps[0].donors, stamp.donors)
+
+    bad = {"region0": region[:3].astype(np.uint8), "donors0": stamp.donors}  # 3 rows of 28
+    save_file(bad, str(tmp_path / first.stamps_file))
+    with pytest.raises(DataError, match=r"stamp 0 has region \(3, 28\) and carriers"):
+        load_triggers(tmp_path)

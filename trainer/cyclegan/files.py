@@ -4,39 +4,55 @@ NNoculation's sequential attacker (§4.2.3, Table 8) is repaired round after rou
 learning the trigger its own quarantine holds. A round fine-tunes only on what it treats, so
 without the earlier triggers a later round lets them come back (docs/RESULTS.md, "The
 sequential attacker"). Each succeeded round therefore writes every generator it treated
-with: its own and the ones it inherited. Weights are safetensors and the index is JSON; nothing
-here unpickles.
+with: its own and the ones it inherited, each with the stamps its quarantine carried
+(``trainer.stamps``: region and carriers), so a later round replays the attacker's own patch
+and not only gen_ab's imitation of it. Weights and stamps are safetensors and the index is
+JSON; nothing here unpickles.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from safetensors import SafetensorError
+from safetensors.numpy import load_file as load_arrays
+from safetensors.numpy import save_file as save_arrays
 from safetensors.torch import load_file, save_file
 
 from core.errors import DataError
 from trainer.cyclegan.models import ResnetGenerator
+from trainer.stamps import Stamp
 
 INDEX = "triggers.json"
 
 
 @dataclass
 class LearnedTrigger:
-    """One gen_ab: the round that learned it, and the suspect's label on its quarantine
-    (None when one CycleGAN learned from the whole quarantine)."""
+    """One gen_ab: the round that learned it, the suspect's label on its quarantine (None
+    when one CycleGAN learned from the whole quarantine), and the stamps that quarantine
+    carried (none for a global trigger)."""
 
     gen: ResnetGenerator
     round: int
     suspect_label: int | None
+    stamps: list[Stamp] = field(default_factory=list)
 
     @property
     def file(self) -> str:
+        return f"gen_ab_{self._key}.safetensors"
+
+    @property
+    def stamps_file(self) -> str:
+        return f"stamps_{self._key}.safetensors"
+
+    @property
+    def _key(self) -> str:
         label = "" if self.suspect_label is None else f"_label{self.suspect_label}"
-        return f"gen_ab_round{self.round}{label}.safetensors"
+        return f"round{self.round}{label}"
 
     @property
     def name(self) -> str:
@@ -50,6 +66,12 @@ def save_triggers(directory: Path, triggers: list[LearnedTrigger]) -> None:
     for t in triggers:
         state = {k: v.detach().cpu().contiguous() for k, v in t.gen.state_dict().items()}
         save_file(state, str(directory / t.file))
+        if t.stamps:
+            arrays = {}
+            for i, stamp in enumerate(t.stamps):
+                arrays[f"region{i}"] = stamp.region.astype(np.uint8)
+                arrays[f"donors{i}"] = np.ascontiguousarray(stamp.donors, dtype=np.uint8)
+            save_arrays(arrays, str(directory / t.stamps_file))
         entries.append(
             {
                 "file": t.file,
@@ -58,6 +80,7 @@ def save_triggers(directory: Path, triggers: list[LearnedTrigger]) -> None:
                 "channels": t.gen.channels,
                 "ngf": t.gen.ngf,
                 "n_blocks": t.gen.n_blocks,
+                "stamps": t.stamps_file if t.stamps else None,
             }
         )
     (directory / INDEX).write_text(json.dumps({"triggers": entries}, indent=2) + "\n")
@@ -76,10 +99,28 @@ def load_triggers(directory: Path) -> list[LearnedTrigger]:
             gen = ResnetGenerator(int(e["channels"]), int(e["ngf"]), int(e["n_blocks"]))
             gen.load_state_dict(load_file(str(directory / e["file"])))
             label = None if e["suspect_label"] is None else int(e["suspect_label"])
-            triggers.append(LearnedTrigger(gen.eval(), int(e["round"]), label))
+            stamps = _load_stamps(directory / e["stamps"]) if e.get("stamps") else []
+            triggers.append(LearnedTrigger(gen.eval(), int(e["round"]), label, stamps))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         raise DataError(
             f"the learned triggers in {directory} cannot be read ({type(exc).__name__}: {exc}); "
             "restore the round's files, or run the round with replay off (--no-replay)"
         ) from exc
     return triggers
+
+
+def _load_stamps(path: Path) -> list[Stamp]:
+    """The stamps ``save_triggers`` wrote: each a (H, W) region and (n, H, W, C) carriers of
+    that size, n >= 1 (ValueError otherwise)."""
+    arrays = load_arrays(str(path))
+    stamps = []
+    for i in range(len(arrays) // 2):
+        region, donors = arrays[f"region{i}"], arrays[f"donors{i}"]
+        if region.ndim != 2 or donors.ndim != 4 or donors.shape[1:3] != region.shape:
+            raise ValueError(f"stamp {i} has region {region.shape} and carriers {donors.shape}")
+        if not len(donors) or donors.dtype != np.uint8:
+            raise ValueError(f"stamp {i} has no uint8 carriers")
+        stamps.append(Stamp(region.astype(bool), donors))
+    if len(arrays) != 2 * len(stamps) or not stamps:
+        raise ValueError(f"{path.name} holds {sorted(arrays)}, not region/donors pairs")
+    return stamps
