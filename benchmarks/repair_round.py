@@ -246,9 +246,9 @@ def transplant(repair: dict[str, Any]) -> str:
         return ""
     return (
         " When a fifth or more of the kept images share a stamp (the same rare pixels in one "
-        "small place), the second treated copy takes those pixels from real kept images that "
-        "carry it (column `stamp px`: its size, `+` between several stamps; `-`: none found, "
-        "gen_ab alone treats)."
+        "small place), both treated copies take those pixels from real kept images that "
+        "carry it, in place of gen_ab's (column `stamp px`: its size, `+` between several "
+        "stamps; `-`: none found, gen_ab alone treats)."
     )
 
 

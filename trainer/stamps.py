@@ -92,7 +92,7 @@ def find_stamps(
     So several triggers with one target (three patches, each in a third of the quarantine)
     are three stamps. A global trigger (blend, filter) holds fixed values over the whole
     background: what a seed's carriers hold alike covers more than ``max_area`` of the
-    image, and there are no stamps. gen_ab alone treats those (:func:`localized`).
+    image, and there are no stamps. gen_ab alone treats those (``trainer.repair.localized``).
     """
     q, c = quarantined.astype(np.int16), clean.astype(np.int16)
     common = np.where(_near_share(clean, tol) <= STAMP_CLEAN, _near_share(quarantined, tol), -1.0)
