@@ -48,10 +48,11 @@ def _drawn_by_content(
     pixels: np.ndarray, carriers: np.ndarray, clean: np.ndarray, clean_near: np.ndarray
 ) -> bool:
     """Whether the clean images most like the carriers (away from ``pixels``) hold the same
-    values there too (``clean_near``: where each clean image holds the stamp's value) (a tenth of them or more, as many as may hold a stamp's values at all):
-    then it is content that the carriers' class draws (the dark middle of a sandal, when the
-    quarantine is mostly sandals), not a stamp. A stamp's carriers are of any class, and
-    their nearest clean images do not hold it."""
+    values at ``pixels`` too, a tenth of them or more (as many as may hold a stamp's values
+    at all): then it is content that the carriers' class draws (the dark middle of a sandal,
+    when the quarantine is mostly sandals), not a stamp. A stamp's carriers are of any
+    class, and their nearest clean images do not hold it. ``clean_near`` (n, H, W) says
+    where each clean image holds the stamp's value."""
     away = ~ndimage.binary_dilation(pixels, np.ones((3, 3)))
     a = carriers[:, away].reshape(len(carriers), -1).astype(np.float32)
     b = clean[:, away].reshape(len(clean), -1).astype(np.float32)
