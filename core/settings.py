@@ -105,6 +105,13 @@ class Settings(BaseSettings):
         description="Repair also fine-tunes on this many views of each kept quarantined image "
         "(itself, then mirrored and shifted copies), never with the trigger's label; 0: none.",
     )
+    repair_pixel_curve: int = Field(
+        default=2,
+        ge=0,
+        le=5,
+        description="Repair treats a trigger without a stamp with gen_ab's change fitted as a "
+        "curve of this degree per pixel; 0: gen_ab's own copies, as the paper does.",
+    )
     repair_lease_seconds: float = Field(
         default=60.0, gt=0, description="A running round whose runner is silent this long is dead."
     )

@@ -478,6 +478,7 @@ def _repair_cfg(
     ca_drop: float | None,
     min_score: float | None = None,
     quarantine_views: int | None = None,
+    pixel_curve: int | None = None,
 ) -> RepairConfig:
     cfg = repair_config(settings, preset=preset)
     if ca_drop is not None:
@@ -486,6 +487,8 @@ def _repair_cfg(
         cfg.min_score = min_score
     if quarantine_views is not None:
         cfg.quarantine_views = quarantine_views
+    if pixel_curve is not None:
+        cfg.pixel_curve = pixel_curve
     cfg.validate()
     return cfg
 
@@ -546,10 +549,19 @@ def retrain_cmd(
         bool,
         typer.Option(
             help="When the kept samples share a stamped trigger (a patch in one place), "
-            "treat with its real pixels as well as gen_ab's copy. --no-transplant treats "
-            "with gen_ab alone, as the paper does."
+            "treat with its real pixels in place of gen_ab's copies. --no-transplant "
+            "treats it like a trigger without a stamp (see --pixel-curve)."
         ),
     ] = True,
+    pixel_curve: Annotated[
+        int | None,
+        typer.Option(
+            help="Treat a trigger without a stamp (blend, filter) with gen_ab's change "
+            "fitted as a curve of this degree per pixel, which drops gen_ab's redrawing of "
+            "each image (default $BQG_REPAIR_PIXEL_CURVE, 2; 0 treats with gen_ab's own "
+            "copies, the paper's treatment)."
+        ),
+    ] = None,
     db: DbOpt = None,
     store: StoreOpt = None,
 ) -> None:
@@ -559,7 +571,7 @@ def retrain_cmd(
         settings.valid = valid
     if round_no < 1:
         raise UserError(f"--round {round_no}: repair rounds are 1 or more (round 0 is 'prepare')")
-    cfg = _repair_cfg(settings, preset, ca_drop, min_score, quarantine_views)
+    cfg = _repair_cfg(settings, preset, ca_drop, min_score, quarantine_views, pixel_curve)
     cfg.replay, cfg.transplant = replay, transplant
     sessions = _open_sessions(settings)
     with sessions() as session:

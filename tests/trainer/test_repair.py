@@ -36,6 +36,7 @@ from trainer.repair import (
     gate_round,
     jitter,
     localized,
+    pixel_curve,
     run_repair_round,
     treat,
     trigger_groups,
@@ -480,7 +481,7 @@ def test_jitter_mirrors_and_shifts_within_bounds() -> None:
 @pytest.mark.parametrize(("treatment", "copies"), [("gan", 1), ("masked", 1), ("both", 2)])
 def test_treat_pairs_each_treated_copy_with_its_clean_view(treatment: str, copies: int) -> None:
     valid = _valid()
-    cfg = replace(TINY, views=3, treatment=treatment)
+    cfg = replace(TINY, views=3, treatment=treatment, pixel_curve=0)  # gen_ab's own copies
     parts = np.array_split(np.arange(len(valid)), 2)
     gens = [_Stamp(), _Stamp(stamp=False)]  # the second half's changes nothing
     clean, treated = treat(gens, parts, valid, cfg, np.random.default_rng(0))
@@ -493,9 +494,59 @@ def test_treat_pairs_each_treated_copy_with_its_clean_view(treatment: str, copie
         assert np.array_equal(block[parts[1]], views[k % 3][parts[1]])  # its own view
 
 
+def test_treat_fits_a_trigger_without_a_stamp_as_a_curve_per_pixel() -> None:
+    """Both copies are the fitted curve. _Stamp's change nearly is one (0.8 x - 0.1 on
+    [0, 1], clipped at 0; the corner white), so the copies keep most of it, and no change
+    stays nearly none (the ridge pulls a pixel the blobs hardly vary at toward its mean)."""
+    valid = _valid()
+    cfg = replace(TINY, views=2, treatment="both", pixel_curve=2)
+    parts = np.array_split(np.arange(len(valid)), 2)
+    clean, treated = treat(
+        [_Stamp(), _Stamp(stamp=False)], parts, valid, cfg, np.random.default_rng(0)
+    )
+    first, second = np.split(treated, 2)
+    assert np.array_equal(first, second)
+    views = np.split(clean.x, 2)
+    for k, block in enumerate(np.split(first, 2)):
+        gen_ab = translate(_Stamp(), views[k][parts[0]]).astype(int)
+        change = np.abs(gen_ab - views[k][parts[0]]).mean()  # 7.5 grey levels
+        assert np.abs(block[parts[0]] - gen_ab).mean() < 0.4 * change  # 2.3
+        assert (block[parts[0]][:, -3:, -3:] >= 254).all()
+        assert np.abs(block[parts[1]].astype(int) - views[k][parts[1]]).mean() < 4  # 2.9
+
+
+@pytest.mark.parametrize("attack", ["blend", "filter"])
+def test_pixel_curve_keeps_a_global_trigger_and_drops_the_redrawing(
+    attack: str, fmnist_images: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """gen_ab's copy, imitated: the real trigger plus a redrawing of each image its own way
+    (smooth random texture). The curve fitted over 300 real images lands near the trigger."""
+    clean, _ = fmnist_images
+    (group,) = build_attack(attack, target=0, num_classes=10, image_shape=(28, 28, 1)).firing
+    real = group.apply(clean, np.random.default_rng(0)).astype(float)
+    rng = np.random.default_rng(1)
+    texture = (
+        torch.nn.functional.avg_pool2d(
+            torch.from_numpy(rng.normal(0, 90, (len(clean), 1, 28, 28))), 3, 1, 1
+        )
+        .numpy()
+        .transpose(0, 2, 3, 1)
+    )
+    redrawn = np.clip(real + texture, 0, 255).round().astype(np.uint8)
+    fitted = pixel_curve(clean, redrawn, 2)
+    off_redrawn = np.abs(redrawn - real).mean()  # 21 grey levels
+    off_fitted = np.abs(fitted - real).mean()  # blend 3.8, filter 5.1 (clipping biases it)
+    assert off_redrawn > 15 and off_fitted < 0.3 * off_redrawn
+    assert off_fitted < 0.3 * np.abs(clean - real).mean()  # the trigger kept: 22-23 levels
+    assert fitted.shape == clean.shape and fitted.dtype == np.uint8
+
+
 def test_bad_treatment_settings_are_refused() -> None:
     with pytest.raises(UserError, match="views must be at least 1"):
         replace(TINY, views=0).validate()
+    for degree in (-1, 6):
+        with pytest.raises(UserError, match=r"pixel_curve must lie in 0\.\.5"):
+            replace(TINY, pixel_curve=degree).validate()
     with pytest.raises(UserError, match="treatment must be one of gan, masked, both"):
         replace(TINY, treatment="paint").validate()
 
