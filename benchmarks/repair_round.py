@@ -241,14 +241,20 @@ def quarantine_views(repair: dict[str, Any]) -> str:
 
 
 def transplant(repair: dict[str, Any]) -> str:
-    """The sentence on stamped triggers, when the round looked for them."""
+    """The sentences on stamped triggers and on the others, as the round treated them."""
+    degree = repair.get("pixel_curve", 0)
+    curve = (
+        f"gen_ab's change fitted as a curve of degree {degree} per pixel, in both copies"
+        if degree
+        else "gen_ab alone"
+    )
     if not repair.get("transplant"):
-        return ""
+        return f" Every trigger is treated with {curve}." if degree else ""
     return (
         " When a fifth or more of the kept images share a stamp (the same rare pixels in one "
         "small place), both treated copies take those pixels from real kept images that "
         "carry it, in place of gen_ab's (column `stamp px`: its size, `+` between several "
-        "stamps; `-`: none found, gen_ab alone treats)."
+        f"stamps; `-`: none found, treated with {curve})."
     )
 
 
