@@ -36,8 +36,11 @@
    A global trigger (blend, filter: no stamp) is treated with gen_ab's change fitted as one
    curve per pixel (:func:`pixel_curve`; ours), which keeps the trigger and drops gen_ab's
    redrawing of each image. Round 1 of the blend and filter BadNets went from ASR 3.44 /
-   3.02% at CA 88.74 / 88.38% (gen_ab's copy and its localized part) to 2.09 / 2.93% at
-   89.12 / 89.06% (the fitted curve in both copies; scratch runs, seed 0).
+   3.02% at CA 88.74 / 88.38% (gen_ab's copy and its localized part) to 1.93 / 2.91% at
+   89.26 / 89.12% (the fitted curve in both copies; docs/RESULTS.md, "One repair round per
+   BadNet"). The curve in the first copy only, the localized part in the second, left
+   2.64 / 2.95%; a degree-3 curve with a hundredth of the ridge 2.24 / 2.98% (scratch runs,
+   seed 0).
 4. Fine-tune both models of the active round on the treatment set plus the clean images.
    Targets mix the label with the original suspect's answer (round 0's badnet) on the
    *clean* original (distillation, as ``prepare`` does), so the treated copy learns "answer
@@ -360,8 +363,9 @@ def pixel_curve(clean: np.ndarray, translated: np.ndarray, degree: int) -> np.nd
     (a tone curve, contrast and a vignette) are each such a curve, a different one at each
     pixel; gen_ab adds it, but also redraws each image its own way (blur, texture), and the
     fit averages that out: on blend and filter, gen_ab's copies differ from the clean images
-    by 40 and 42 grey levels a pixel, the fitted curve by 35 and 37 (the real trigger: 22
-    and 24). Where the images never vary (a border always black) the curve is gen_ab's mean.
+    by 40 and 37 grey levels a pixel, the fitted curve by 35 and 31 (the real trigger: 22
+    and 24; scratch runs). Where the images never vary (a border always black) the curve is
+    gen_ab's mean there.
     """
     n = len(clean)
     x = clean.reshape(n, -1).astype(np.float64) / 255
