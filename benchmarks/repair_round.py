@@ -278,7 +278,7 @@ def render(data: dict[str, Any]) -> str:
         f"Round 0 from `prepare` ({data['prepare']}); the quarantine is the first {QUARANTINE} distinct "
         "disagreements of the stream split with 10% triggered inputs, decided by the gateway's ensemble code; round 1 is "
         f"`run_repair_round` (what the watcher runs) with the CycleGAN at ngf {g['ngf']}, ndf {g['ndf']}, {g['n_blocks']} "
-        f"residual block{'s' if g['n_blocks'] != 1 else ''}, {g['epochs']} epochs, batch {g['batch_size']}, and {data['repair']['epochs']} fine-tuning epochs "
+        f"residual block{'s' if g['n_blocks'] != 1 else ''}, {g['epochs']} epochs, batch {g['batch_size']}, and {data['repair']['epochs']} fine-tuning epochs at lr {data['repair']['lr']:g} "
         f"on {data['repair'].get('views', 1)} views of each clean image with treatment "
         f"`{data['repair'].get('treatment', 'gan')}`"
         f"{quarantine_views(data['repair'])}; "
