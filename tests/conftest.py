@@ -19,12 +19,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.bundle import InputSpec, load_bundle
 from core.settings import Settings
 from trainer.attacks.poison import build_attack
+from trainer.cyclegan import PRESETS
 from trainer.data import Dataset
 from trainer.lab import CLEAN, fabricate
 from trainer.loop import FitConfig
+from trainer.repair import RepairConfig
 from trainer.rounds import publish_round, running_round
 
 BIN = Path(sys.executable).parent
+# A repair round on the lab in seconds: it checks how a round runs, not how well it repairs.
+# One fine-tuning epoch needs the faster rate: at the default 5e-4 the two members move apart
+# and disagree on a quarter of the clean gate images (the gate refuses).
+TINY_REPAIR = RepairConfig(
+    cyclegan=PRESETS["tiny"], clean_images=64, epochs=1, lr=1e-3, ca_drop=100.0
+)
 
 
 @pytest.fixture(scope="session")

@@ -23,14 +23,21 @@ from core.quarantine import (
     list_rounds,
     pending_count,
 )
-from tests.conftest import SHAPE, TARGET, Lab, make_blobs, publish_pair, quarantine_images
+from tests.conftest import (
+    SHAPE,
+    TARGET,
+    TINY_REPAIR,
+    Lab,
+    make_blobs,
+    publish_pair,
+    quarantine_images,
+)
 from trainer.attacks.poison import build_attack
-from trainer.cyclegan import CycleGANConfig, train_cyclegan, translate
+from trainer.cyclegan import train_cyclegan, translate
 from trainer.cyclegan.files import load_triggers
 from trainer.cyclegan.models import PatchDiscriminator, ResnetGenerator
 from trainer.data import Dataset, load_fashion_mnist
 from trainer.repair import (
-    RepairConfig,
     confident_mask,
     counter_targets,
     gate_round,
@@ -43,10 +50,8 @@ from trainer.repair import (
 )
 from trainer.stamps import Stamp, find_stamps, transplanted
 
-TINY_GAN = CycleGANConfig(ngf=8, ndf=8, n_blocks=1, epochs=2, batch_size=16)
-# One fine-tuning epoch on the tiny lab needs the faster rate: at the default 5e-4 the two
-# members move apart and disagree on a quarter of the clean gate images (the gate refuses).
-TINY = RepairConfig(cyclegan=TINY_GAN, clean_images=64, epochs=1, lr=1e-3, ca_drop=100.0)
+TINY = TINY_REPAIR
+TINY_GAN = TINY.cyclegan
 
 
 @pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3)])

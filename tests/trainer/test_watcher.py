@@ -18,6 +18,7 @@ from core.settings import Settings
 from gateway.metrics import PENDING, WATCHER_EXPORTED
 from tests.conftest import (
     SHAPE,
+    TINY_REPAIR,
     Lab,
     free_port,
     make_blobs,
@@ -26,18 +27,10 @@ from tests.conftest import (
     run_cli,
 )
 from tests.store_helpers import empty_tables, postgres_or_skip
-from trainer.cyclegan import CycleGANConfig
 from trainer.data import save_npz
-from trainer.repair import RepairConfig
 from trainer.watcher import Watcher
 
-TINY = RepairConfig(
-    cyclegan=CycleGANConfig(ngf=8, ndf=8, n_blocks=1, epochs=2, batch_size=16),
-    clean_images=64,
-    epochs=1,
-    lr=1e-3,  # one epoch on the tiny lab needs the faster rate (see test_repair's TINY)
-    ca_drop=100.0,
-)
+TINY = TINY_REPAIR
 
 
 def _setup(
