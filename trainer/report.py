@@ -85,10 +85,15 @@ def grid_heatmap(
 
 
 def trigger_figure(
-    clean: np.ndarray, translated: np.ndarray, quarantined: np.ndarray, path: Path
+    clean: np.ndarray,
+    translated: np.ndarray,
+    quarantined: np.ndarray,
+    path: Path,
+    made_by: str = "gen_ab",
 ) -> Path:
-    """Rows: clean images, gen_ab(clean), quarantined examples; beside them the mean
-    difference gen_ab(clean) - clean over the shown images (the recovered trigger)."""
+    """Rows: clean images, their triggered copies (``made_by``: gen_ab, or the "stamp" found
+    in the quarantine), quarantined examples; beside them the mean difference copy - clean
+    over the shown images (the recovered trigger)."""
     n = len(clean)
     fig, axes = plt.subplots(3, n + 1, figsize=(1.3 * (n + 1), 4.2))
     grey = clean.shape[-1] == 1
@@ -99,7 +104,7 @@ def trigger_figure(
         ax.set_yticks([])
 
     for row, (name, images) in enumerate(
-        (("clean", clean), ("gen_ab(clean)", translated), ("quarantined", quarantined))
+        (("clean", clean), (f"{made_by}(clean)", translated), ("quarantined", quarantined))
     ):
         axes[row, 0].set_ylabel(name, fontsize=8)
         for i in range(n):
@@ -112,7 +117,7 @@ def trigger_figure(
     axes[0, n].set_title("mean |diff|", fontsize=8)
     axes[1, n].axis("off")
     axes[2, n].axis("off")
-    fig.suptitle("Recovered trigger: what gen_ab adds to clean images", fontsize=9)
+    fig.suptitle(f"Recovered trigger: what {made_by} adds to clean images", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -55,3 +55,15 @@ def test_the_smallest_configuration_within_a_point_of_the_best_is_chosen() -> No
     }
     assert choice["smallest"] == "mid"  # fewer parameters than big's, or as many and fewer epochs
     assert choice["cyclegan_seconds"]["big"] == 80
+
+
+def test_a_configuration_is_named_by_the_preset_it_equals() -> None:
+    """The table and the default check name a row by the preset it equals, seed aside."""
+    from dataclasses import replace
+
+    from benchmarks.cyclegan_size import CONFIGS, KEYS, preset_of
+
+    assert preset_of(CONFIGS[KEYS["16x2x10"]].to_dict()) == "small"
+    assert preset_of(replace(CONFIGS[KEYS["16x2x10"]], seed=3).to_dict()) == "small"
+    assert preset_of(CONFIGS[KEYS["8x1x2"]].to_dict()) is None  # 'tiny' has batch size 16
+    assert preset_of(CONFIGS[KEYS["32x3x10"]].to_dict()) is None

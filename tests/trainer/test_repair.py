@@ -38,6 +38,8 @@ from trainer.cyclegan.files import load_triggers
 from trainer.cyclegan.models import PatchDiscriminator, ResnetGenerator
 from trainer.data import Dataset, load_fashion_mnist
 from trainer.repair import (
+    RepairConfig,
+    RepairOutcome,
     confident_mask,
     counter_targets,
     gate_round,
@@ -131,15 +133,46 @@ def test_a_round_activates_consumes_and_writes_its_trigger(tmp_path: Path, lab: 
     for role in ("badnet", "goodnet"):
         assert load_bundle(outcome.path / role).manifest.meta["round"] == 1
     assert (outcome.path / "trigger.png").stat().st_size > 2000
-    assert any("CycleGAN epoch 2/2" in m for m in messages)
     assert outcome.metrics["stamp_pixels"] == [[16]]  # the lab's 4x4 patch, found
     assert any("a stamped trigger of 16 pixels" in m for m in messages)
+    # ... and transplanted, so no CycleGAN was trained for it
+    assert not any("CycleGAN on" in m or "CycleGAN epoch" in m for m in messages)
+    assert outcome.metrics["cyclegan_seconds"] == 0
+    assert outcome.metrics["trigger_groups"] == [
+        {"suspect_label": None, "images": 40, "cyclegan": False}
+    ]
+    (learned,) = load_triggers(outcome.path)
+    assert learned.gen is None and learned.stamps[0].region.sum() == 16
     served = outcome.metrics["gate"]["served clean accuracy"]["after"]
     assert served == outcome.metrics["members"]["goodnet"]["after"]  # the GoodNet policy
     assert outcome.metrics["gate_passed"] and 0.0 < served <= 1.0
     train = round(0.8 * len(_valid()))  # the default gate_fraction holds 20% out
     kept = outcome.metrics["samples_kept"]  # views, both copies, 3 views of each kept sample
     assert outcome.metrics["finetune_images"] == 3 * train + 2 * 3 * train + 3 * kept
+
+
+def test_a_trigger_without_stamps_gets_a_cyclegan(tmp_path: Path, lab: Lab) -> None:
+    """With the transplant off (as for a global trigger, which has no stamp), the round
+    trains gen_ab, treats with it, and keeps its weights for later rounds."""
+    sessions = _store(tmp_path, lab)
+    _quarantine(sessions, lab, 40)
+    messages: list[str] = []
+    outcome = run_repair_round(
+        sessions=sessions,
+        store=tmp_path,
+        round_no=1,
+        valid=_valid(),
+        cfg=replace(TINY, transplant=False),
+        progress=messages.append,
+    )
+    assert outcome.status == "succeeded" and outcome.path is not None
+    assert any("CycleGAN epoch 2/2" in m for m in messages)
+    assert outcome.metrics["cyclegan_seconds"] > 0
+    assert outcome.metrics["trigger_groups"][0]["cyclegan"] is True
+    assert outcome.metrics["stamp_pixels"] == [[]]
+    (learned,) = load_triggers(outcome.path)
+    assert learned.gen is not None and learned.stamps == []
+    assert (outcome.path / "trigger.png").stat().st_size > 2000
 
 
 def test_real_quarantined_images_are_fine_tuned_on_without_the_trigger_label(
@@ -235,8 +268,11 @@ def test_a_crash_fails_the_round_and_the_next_one_can_run(
         raise RuntimeError("out of memory in the middle of training")
 
     monkeypatch.setattr("trainer.repair.train_cyclegan", boom)
+    unstamped = replace(TINY, transplant=False)  # a stamped trigger would train no CycleGAN
     with pytest.raises(RuntimeError, match="out of memory"):
-        run_repair_round(sessions=sessions, store=tmp_path, round_no=1, valid=_valid(), cfg=TINY)
+        run_repair_round(
+            sessions=sessions, store=tmp_path, round_no=1, valid=_valid(), cfg=unstamped
+        )
     with sessions() as s:
         r1 = list_rounds(session=s)[1]
         assert r1.status == "failed" and "out of memory" in (r1.error or "")
@@ -349,8 +385,9 @@ def test_a_quarantine_with_two_targets_gets_a_cyclegan_per_target(tmp_path: Path
 def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
     tmp_path: Path, lab: Lab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Round 2 treats with round 1's gen_ab as well as its own, keeps both for round 3, and
-    takes its targets from round 0's badnet (the original suspect), not round 1's."""
+    """Each round treats with the triggers earlier rounds learned as well as its own (gen_ab
+    or stamps), keeps them all for the next, and takes its targets from round 0's badnet
+    (the original suspect), not the active round's."""
     import trainer.repair as repair
 
     teachers: list[object] = []
@@ -363,54 +400,59 @@ def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
     monkeypatch.setattr(repair, "finetune", finetune)
     sessions = _store(tmp_path, lab)
     cfg = replace(TINY, min_score=0.0, min_kept=4)
-    paths = []
-    for round_no in (1, 2):
-        _quarantine(sessions, lab, 12, start=12 * (round_no - 1))
+
+    def run(round_no: int, cfg: RepairConfig) -> RepairOutcome:
         outcome = run_repair_round(
             sessions=sessions, store=tmp_path, round_no=round_no, valid=_valid(), cfg=cfg
         )
         assert outcome.status == "succeeded" and outcome.path is not None
+        return outcome
+
+    # round 1 learns gen_ab (transplant off); round 2 finds the stamp and trains no CycleGAN
+    paths = []
+    for round_no, transplant in ((1, False), (2, True)):
+        _quarantine(sessions, lab, 12, start=12 * (round_no - 1))
+        outcome = run(round_no, replace(cfg, transplant=transplant))
         paths.append(outcome.path)
     assert outcome.metrics["replayed_triggers"] == ["round 1"]
-    assert outcome.metrics["stamp_pixels"] == [[16], [16]]  # round 1's stamp, replayed
+    assert outcome.metrics["stamp_pixels"] == [[], [16]]  # round 1's gen_ab, round 2's stamp
     first, second = load_triggers(paths[0]), load_triggers(paths[1])
     assert [t.round for t in first] == [1] and [t.round for t in second] == [1, 2]
     x = lab.clean[:6]
+    assert first[0].gen is not None and second[0].gen is not None and second[1].gen is None
     assert np.array_equal(translate(second[0].gen, x), translate(first[0].gen, x))
-    assert not np.array_equal(translate(second[1].gen, x), translate(first[0].gen, x))
-    (kept,), (again,) = first[0].stamps, second[0].stamps  # round 1's stamp, kept twice
-    assert kept.region.sum() == 16 and np.array_equal(again.region, kept.region)
-    assert np.array_equal(again.donors, kept.donors) and again.donors.dtype == np.uint8
+    (kept,) = second[1].stamps
+    assert kept.region.sum() == 16 and kept.donors.dtype == np.uint8
     assert np.isin(kept.donors[:, kept.region], (0, 255)).mean() > 0.9  # the lab's checker
 
-    # damaged stamps stop round 3 too (nothing is half-read)
-    stamps_file = paths[1] / second[0].stamps_file
-    good = stamps_file.read_bytes()
-    stamps_file.write_bytes(good[: len(good) // 2])
+    # damaged stamps or weights stop round 3 before it exists (nothing is half-read)
     _quarantine(sessions, lab, 12, start=24)
-    with pytest.raises(DataError, match="learned triggers .* cannot be read"):
-        run_repair_round(sessions=sessions, store=tmp_path, round_no=3, valid=_valid(), cfg=cfg)
-    stamps_file.write_bytes(good)
+    for damaged in (paths[1] / second[1].stamps_file, paths[1] / second[0].file):
+        good = damaged.read_bytes()
+        damaged.write_bytes(good[: len(good) // 2])
+        with pytest.raises(DataError, match="learned triggers .* cannot be read.*--no-replay"):
+            run(3, cfg)
+        damaged.write_bytes(good)
+    with sessions() as s:
+        assert [r.round for r in list_rounds(session=s)] == [0, 1, 2]
+
+    # round 2's stamp has no gen_ab, so round 3 replays the stamp even with the transplant off
+    outcome = run(3, replace(cfg, transplant=False))
+    assert outcome.metrics["stamp_pixels"] == [[], [16], []]
+    third = load_triggers(outcome.path)  # type: ignore[arg-type]
+    assert [t.round for t in third] == [1, 2, 3]
+    (again,) = third[1].stamps  # round 2's stamp, kept again
+    assert np.array_equal(again.region, kept.region) and np.array_equal(again.donors, kept.donors)
     round0_badnet = (tmp_path / "rounds" / "0" / "badnet").resolve()
     assert {Path(str(p)).resolve() for p in teachers} == {round0_badnet}, teachers
 
-    # a damaged trigger file stops round 3 before it exists; --no-replay runs it
-    (paths[1] / second[0].file).write_bytes(b"not a safetensors file")
-    with pytest.raises(DataError, match="learned triggers .* cannot be read.*--no-replay"):
-        run_repair_round(sessions=sessions, store=tmp_path, round_no=3, valid=_valid(), cfg=cfg)
-    with sessions() as s:
-        assert [r.round for r in list_rounds(session=s)] == [0, 1, 2]
-    outcome = run_repair_round(
-        sessions=sessions,
-        store=tmp_path,
-        round_no=3,
-        valid=_valid(),
-        cfg=replace(cfg, replay=False, transplant=False),
-    )
-    assert outcome.status == "succeeded" and outcome.path is not None
+    # a damaged trigger file: --no-replay runs the round without it
+    (outcome.path / third[0].file).write_bytes(b"not a safetensors file")  # type: ignore[operator]
+    _quarantine(sessions, lab, 12, start=36)
+    outcome = run(4, replace(cfg, replay=False, transplant=False))
     assert outcome.metrics["replayed_triggers"] == []
     assert outcome.metrics["stamp_pixels"] == [[]]
-    assert [t.round for t in load_triggers(outcome.path)] == [3]
+    assert [t.round for t in load_triggers(outcome.path)] == [4]  # type: ignore[arg-type]
 
 
 def test_the_database_lease_lets_one_claimer_in(tmp_path: Path, lab: Lab) -> None:

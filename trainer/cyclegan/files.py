@@ -1,4 +1,5 @@
-"""Learned triggers on disk: a round's gen_ab generators, so later rounds can treat with them.
+"""Learned triggers on disk: a round's gen_ab generators and stamps, so later rounds can
+treat with them.
 
 NNoculation's sequential attacker (§4.2.3, Table 8) is repaired round after round, each round
 learning the trigger its own quarantine holds. A round fine-tunes only on what it treats, so
@@ -6,7 +7,8 @@ without the earlier triggers a later round lets them come back (docs/RESULTS.md,
 sequential attacker"). Each succeeded round therefore writes every generator it treated
 with: its own and the ones it inherited, each with the stamps its quarantine carried
 (``trainer.stamps``: region and carriers), so a later round replays the attacker's own patch
-and not only gen_ab's imitation of it. Weights and stamps are safetensors and the index is
+and not only gen_ab's imitation of it. A stamped trigger's round trains no CycleGAN for it
+(``trainer.repair``), so its entry names stamps and no weights. Weights and stamps are safetensors and the index is
 JSON; nothing here unpickles.
 """
 
@@ -32,11 +34,12 @@ INDEX = "triggers.json"
 
 @dataclass
 class LearnedTrigger:
-    """One gen_ab: the round that learned it, the suspect's label on its quarantine (None
-    when one CycleGAN learned from the whole quarantine), and the stamps that quarantine
-    carried (none for a global trigger)."""
+    """One learned trigger: gen_ab, the round that learned it, the suspect's label on its
+    quarantine (None when one CycleGAN learned from the whole quarantine), and the stamps
+    that quarantine carried (none for a global trigger). A stamped trigger is treated with
+    its stamps alone, so its round trains no CycleGAN for it and ``gen`` is None."""
 
-    gen: ResnetGenerator
+    gen: ResnetGenerator | None
     round: int
     suspect_label: int | None
     stamps: list[Stamp] = field(default_factory=list)
@@ -64,22 +67,26 @@ def save_triggers(directory: Path, triggers: list[LearnedTrigger]) -> None:
     """Write each generator's weights and the index that says how to rebuild it."""
     entries = []
     for t in triggers:
-        state = {k: v.detach().cpu().contiguous() for k, v in t.gen.state_dict().items()}
-        save_file(state, str(directory / t.file))
+        if t.gen is None and not t.stamps:
+            raise ValueError(f"learned trigger {t.name} has neither a generator nor stamps")
+        if t.gen is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in t.gen.state_dict().items()}
+            save_file(state, str(directory / t.file))
         if t.stamps:
             arrays = {}
             for i, stamp in enumerate(t.stamps):
                 arrays[f"region{i}"] = stamp.region.astype(np.uint8)
                 arrays[f"donors{i}"] = np.ascontiguousarray(stamp.donors, dtype=np.uint8)
             save_arrays(arrays, str(directory / t.stamps_file))
+        gen = t.gen
         entries.append(
             {
-                "file": t.file,
+                "file": None if gen is None else t.file,
                 "round": t.round,
                 "suspect_label": t.suspect_label,
-                "channels": t.gen.channels,
-                "ngf": t.gen.ngf,
-                "n_blocks": t.gen.n_blocks,
+                "channels": None if gen is None else gen.channels,
+                "ngf": None if gen is None else gen.ngf,
+                "n_blocks": None if gen is None else gen.n_blocks,
                 "stamps": t.stamps_file if t.stamps else None,
             }
         )
@@ -96,11 +103,16 @@ def load_triggers(directory: Path) -> list[LearnedTrigger]:
         entries: list[dict[str, Any]] = json.loads(index.read_text())["triggers"]
         triggers = []
         for e in entries:
-            gen = ResnetGenerator(int(e["channels"]), int(e["ngf"]), int(e["n_blocks"]))
-            gen.load_state_dict(load_file(str(directory / e["file"])))
+            gen = None
+            if e["file"] is not None:
+                gen = ResnetGenerator(int(e["channels"]), int(e["ngf"]), int(e["n_blocks"]))
+                gen.load_state_dict(load_file(str(directory / e["file"])))
+                gen.eval()
             label = None if e["suspect_label"] is None else int(e["suspect_label"])
             stamps = _load_stamps(directory / e["stamps"]) if e.get("stamps") else []
-            triggers.append(LearnedTrigger(gen.eval(), int(e["round"]), label, stamps))
+            if gen is None and not stamps:
+                raise ValueError(f"entry {e} names neither a generator file nor stamps")
+            triggers.append(LearnedTrigger(gen, int(e["round"]), label, stamps))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         raise DataError(
             f"the learned triggers in {directory} cannot be read ({type(exc).__name__}: {exc}); "
