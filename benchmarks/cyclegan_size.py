@@ -247,7 +247,9 @@ def render(data: dict[str, Any]) -> str:
         "5,000-image held-out split, means over the seeds whose round succeeded (each seed in brackets; a round its gate "
         "rejected serves nothing new and has no rates). A configuration repairs when, on "
         f"every attack, its mean ASR is within {100 * ASR_SLACK:g} point of the best configuration's and its CA within "
-        f"{CA_DROP_MAX:g} points of the BadNet's.",
+        f"{CA_DROP_MAX:g} points of the BadNet's. A stamped trigger (patch, all-to-all, multi-trigger, combo) is "
+        "treated with its own stamp and its round trains no CycleGAN (`trainer/repair.py`), so only global "
+        "triggers depend on the size.",
         "",
         "| CycleGAN | generator parameters | CycleGAN s | round s | "
         + " | ".join(f"{n} CA % | {n} ASR % (per seed)" for n in names)

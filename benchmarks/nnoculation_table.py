@@ -2,7 +2,7 @@
 
     python -m benchmarks.nnoculation_table [--zoo var/zoo] [--work var/table]
         [--attacks patch ...] [--sweep 0.02 0.06 0.5] [--sequential multi-target]
-        [--prepare grid|one] [--threshold 200] [--preset small]
+        [--prepare grid|one] [--threshold 200] [--preset fast]
 
 For each BadNet of the zoo (``python -m benchmarks.badnet_zoo`` fabricates them):
 1. Round 0: ``prepare_round_zero`` in a fresh SQLite store (``--prepare one``: the single

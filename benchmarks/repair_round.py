@@ -1,7 +1,7 @@
 """One post-deployment repair round per BadNet (issue 6; NNoculation Table 5's last stage).
 
     python -m benchmarks.repair_round [--zoo var/zoo] [--attacks patch blend all-to-all filter multi-trigger]
-                                      [--preset small] [--epochs E] [--quick-prepare]
+                                      [--preset fast] [--epochs E] [--quick-prepare]
 
 For each BadNet of the zoo (``python -m benchmarks.badnet_zoo``):
 1. Round 0: ``prepare`` with its defaults (the full grid, about 3 minutes an attack), as a

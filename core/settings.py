@@ -88,9 +88,9 @@ class Settings(BaseSettings):
         default=None, ge=0, description="GPUs for the repair task; default: 1 if Ray has one."
     )
     repair_preset: str = Field(
-        default="small",
-        description="CycleGAN size preset for repair rounds: small (the default), compact, "
-        "tiny (smoke tests) or paper.",
+        default="fast",
+        description="CycleGAN size preset for repair rounds: fast (the default), compact, "
+        "small, tiny (smoke tests) or paper.",
     )
     repair_min_score: float = Field(
         default=0.99,

@@ -217,7 +217,7 @@ def demo_cmd(
         int | None, typer.Option(min=1, help="N: pending samples that start a round (200).")
     ] = None,
     preset: Annotated[
-        str | None, typer.Option(help="CycleGAN size preset (small; tiny for tests).")
+        str | None, typer.Option(help="CycleGAN size preset (fast; tiny for tests).")
     ] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port (8000).")] = None,
     clients: Annotated[int, typer.Option(min=1, max=64, help="Concurrent clients.")] = 4,

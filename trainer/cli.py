@@ -496,9 +496,9 @@ def _repair_cfg(
 PresetOpt = Annotated[
     str | None,
     typer.Option(
-        help="CycleGAN size: small (default, a round in about 2 minutes on 2 CPU cores), "
-        "compact (faster, but it missed multi-trigger BadNets), or paper (Appendix A.3, "
-        "hours on a CPU)."
+        help="CycleGAN size: fast (default; a round in about a minute on 2 CPU cores), "
+        "compact, small (larger; no better in docs/RESULTS.md), or paper (Appendix A.3, "
+        "hours on a CPU). A stamped (patch) trigger trains no CycleGAN at all."
     ),
 ]
 

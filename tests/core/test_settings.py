@@ -29,8 +29,12 @@ def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_repair_settings_reach_the_round_config(monkeypatch: pytest.MonkeyPatch) -> None:
     from pydantic import ValidationError
 
-    from trainer.repair import repair_config
+    from trainer.cyclegan import DEFAULT_PRESET, PRESETS
+    from trainer.repair import RepairConfig, repair_config
 
+    # the embedded default is the CycleGAN module's default preset, whichever way a round starts
+    assert Settings().repair_preset == DEFAULT_PRESET
+    assert repair_config(Settings()).cyclegan == PRESETS[DEFAULT_PRESET] == RepairConfig().cyclegan
     monkeypatch.setenv("BQG_REPAIR_QUARANTINE_VIEWS", "5")
     monkeypatch.setenv("BQG_REPAIR_MIN_SCORE", "0.5")
     cfg = repair_config(Settings())

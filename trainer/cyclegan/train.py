@@ -12,13 +12,17 @@ not, which is the attacker's trigger. Losses, with G = gen_ab, F = gen_ba:
 - Adam, lr 2e-4, beta1 0.5, constant for the first half of the epochs, then linear to 0.
 
 The paper's full size (ngf 64, 9 residual blocks, 200 epochs, batch 1) takes hours on a
-CPU. ``DEFAULT_PRESET`` is "small" (ngf 16, 2 residual blocks, 10 epochs): through the live
-gateway it repaired all 8 zoo attacks (the NNoculation table in docs/RESULTS.md as of
-commit 155e1e2). "compact" (ngf 8, 1 block) left the lowest ASR on the patch and blend
-BadNets in half the time (``python -m benchmarks.cyclegan_size``), and was the default for
-a while, but in the NNoculation table it failed to learn the multi-trigger and combo
-BadNets' triggers (its gen_ab blurred the images instead): fewer parameters than a mix of
-triggers needs. A size is only as good as the hardest attack it was tried on.
+CPU. ``DEFAULT_PRESET`` is "fast" (ngf 4, 1 residual block, 5 epochs), the smallest that
+repaired the blend and filter BadNets (``python -m benchmarks.cyclegan_size``; docs/RESULTS.md,
+"CycleGAN size and epoch budget"): a repair round treats a stamped trigger (a patch, several
+patches) with the stamp itself and trains no CycleGAN for it (``trainer.repair``), so
+gen_ab matters only for a global trigger, and there the round fits gen_ab's change as a
+curve per pixel, which a small generator learns as well as a large one.
+History: "small" (ngf 16, 2 blocks, 10 epochs) repaired all 8 zoo attacks through the live
+gateway (the NNoculation table as of commit 155e1e2) and was the default until the stamp
+transplant; "compact" (ngf 8, 1 block, 10 epochs) was the default for a while before that,
+but failed the multi-trigger and combo BadNets, whose patches its gen_ab blurred: then every
+trigger went through gen_ab. A size is only as good as the hardest attack it was tried on.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class CycleGANConfig:
 
 
 PRESETS: dict[str, CycleGANConfig] = {
+    "fast": CycleGANConfig(ngf=4, ndf=4, n_blocks=1, epochs=5),
     "compact": CycleGANConfig(ngf=8, ndf=8, n_blocks=1),
     "small": CycleGANConfig(),
     # seconds, for tests and smoke runs; too small to learn a real trigger
@@ -72,7 +77,7 @@ PRESETS: dict[str, CycleGANConfig] = {
     ),
 }
 
-DEFAULT_PRESET = "small"
+DEFAULT_PRESET = "fast"
 
 
 class ImagePool:
