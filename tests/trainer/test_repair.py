@@ -111,7 +111,10 @@ def _valid() -> Dataset:
     return make_blobs(200, shape=SHAPE, classes=4, seed=21)
 
 
-def test_a_round_activates_consumes_and_writes_its_trigger(tmp_path: Path, lab: Lab) -> None:
+def _first_round(
+    tmp_path: Path, lab: Lab, cfg: RepairConfig
+) -> tuple[sessionmaker[Session], RepairOutcome, list[str]]:
+    """Round 1 on a fresh store with 40 quarantined samples: (store, outcome, progress)."""
     sessions = _store(tmp_path, lab)
     _quarantine(sessions, lab, 40)
     messages: list[str] = []
@@ -120,9 +123,14 @@ def test_a_round_activates_consumes_and_writes_its_trigger(tmp_path: Path, lab: 
         store=tmp_path,
         round_no=1,
         valid=_valid(),
-        cfg=TINY,
+        cfg=cfg,
         progress=messages.append,
     )
+    return sessions, outcome, messages
+
+
+def test_a_round_activates_consumes_and_writes_its_trigger(tmp_path: Path, lab: Lab) -> None:
+    sessions, outcome, messages = _first_round(tmp_path, lab, TINY)
     assert outcome.status == "succeeded" and outcome.path is not None
     with sessions() as s:
         info = active_round(session=s)
@@ -154,17 +162,7 @@ def test_a_round_activates_consumes_and_writes_its_trigger(tmp_path: Path, lab: 
 def test_a_trigger_without_stamps_gets_a_cyclegan(tmp_path: Path, lab: Lab) -> None:
     """With the transplant off (as for a global trigger, which has no stamp), the round
     trains gen_ab, treats with it, and keeps its weights for later rounds."""
-    sessions = _store(tmp_path, lab)
-    _quarantine(sessions, lab, 40)
-    messages: list[str] = []
-    outcome = run_repair_round(
-        sessions=sessions,
-        store=tmp_path,
-        round_no=1,
-        valid=_valid(),
-        cfg=replace(TINY, transplant=False),
-        progress=messages.append,
-    )
+    _, outcome, messages = _first_round(tmp_path, lab, replace(TINY, transplant=False))
     assert outcome.status == "succeeded" and outcome.path is not None
     assert any("CycleGAN epoch 2/2" in m for m in messages)
     assert outcome.metrics["cyclegan_seconds"] > 0
