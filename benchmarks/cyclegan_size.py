@@ -19,10 +19,11 @@ generator parameters, then fewest epochs) is the one to make the default. The ch
 only for the attacks run: the first run (patch and blend) chose "compact", which then
 failed the multi-trigger and combo BadNets in the NNoculation table. Since then a stamped
 trigger (patch, multi-trigger, combo, all-to-all) is treated with its own stamp, and a
-round trains no CycleGAN for it (``trainer.repair``): with 8x1x5, compact and small, those
-rounds came out the same to the last image before the CycleGAN was skipped (docs/RESULTS.md
-keeps the history). So the default attacks are the ones whose treatment is gen_ab's:
-the global triggers, blend and filter.
+round trains no CycleGAN for it (``trainer.repair``): before the CycleGAN was skipped, a
+run at commit 0c3dce0 (not published; its numbers are in issue 6's notes) gave the patch,
+multi-trigger and combo rounds the same CA and ASR with 8x1x5, compact and small. So the
+default attacks are the ones whose treatment is gen_ab's: the global triggers, blend and
+filter.
 
 ``--render`` recomputes the choice and the checks from the saved JSON with this code (for a
 changed rule or default), and says so under the table; it measures nothing.
