@@ -728,3 +728,29 @@ def test_learned_stamps_round_trip_and_mismatched_ones_are_refused(tmp_path: Pat
     save_file(bad, str(tmp_path / first.stamps_file))
     with pytest.raises(DataError, match=r"stamp 0 has region \(3, 28\) and carriers"):
         load_triggers(tmp_path)
+
+
+def test_a_stamp_only_trigger_round_trips_and_an_empty_entry_is_refused(tmp_path: Path) -> None:
+    import json
+
+    from trainer.cyclegan.files import INDEX, LearnedTrigger, save_triggers
+
+    region = np.zeros(SHAPE[:2], dtype=bool)
+    region[-4:, -4:] = True
+    stamp = Stamp(region, np.full((2, *SHAPE), 200, dtype=np.uint8))
+    save_triggers(tmp_path, [LearnedTrigger(None, 1, 0, [stamp])])
+    assert not list(tmp_path.glob("gen_ab_*"))  # no weights were written for it
+    (learned,) = load_triggers(tmp_path)
+    assert learned.gen is None and learned.suspect_label == 0
+    assert np.array_equal(learned.stamps[0].region, region)
+
+    with pytest.raises(ValueError, match="neither a generator nor stamps"):
+        save_triggers(
+            tmp_path, [LearnedTrigger(None, 2, None, [stamp]), LearnedTrigger(None, 3, 1)]
+        )
+    assert not (tmp_path / "stamps_round2.safetensors").exists()  # nothing half-written
+    index = json.loads((tmp_path / INDEX).read_text())  # the refused save left it as it was
+    index["triggers"][0]["stamps"] = None
+    (tmp_path / INDEX).write_text(json.dumps(index))
+    with pytest.raises(DataError, match="names neither a generator file nor stamps"):
+        load_triggers(tmp_path)

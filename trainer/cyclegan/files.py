@@ -8,8 +8,8 @@ sequential attacker"). Each succeeded round therefore writes every generator it 
 with: its own and the ones it inherited, each with the stamps its quarantine carried
 (``trainer.stamps``: region and carriers), so a later round replays the attacker's own patch
 and not only gen_ab's imitation of it. A stamped trigger's round trains no CycleGAN for it
-(``trainer.repair``), so its entry names stamps and no weights. Weights and stamps are safetensors and the index is
-JSON; nothing here unpickles.
+(``trainer.repair``), so its entry names stamps and no weights. Weights and stamps are
+safetensors and the index is JSON; nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -65,10 +65,11 @@ class LearnedTrigger:
 
 def save_triggers(directory: Path, triggers: list[LearnedTrigger]) -> None:
     """Write each generator's weights and the index that says how to rebuild it."""
-    entries = []
-    for t in triggers:
+    for t in triggers:  # checked before anything is written
         if t.gen is None and not t.stamps:
             raise ValueError(f"learned trigger {t.name} has neither a generator nor stamps")
+    entries = []
+    for t in triggers:
         if t.gen is not None:
             state = {k: v.detach().cpu().contiguous() for k, v in t.gen.state_dict().items()}
             save_file(state, str(directory / t.file))
@@ -78,7 +79,7 @@ def save_triggers(directory: Path, triggers: list[LearnedTrigger]) -> None:
                 arrays[f"region{i}"] = stamp.region.astype(np.uint8)
                 arrays[f"donors{i}"] = np.ascontiguousarray(stamp.donors, dtype=np.uint8)
             save_arrays(arrays, str(directory / t.stamps_file))
-        gen = t.gen
+        gen = t.gen  # narrowed for the entry below
         entries.append(
             {
                 "file": None if gen is None else t.file,
