@@ -448,6 +448,13 @@ def prepare_cmd(
         f"round 0 is active: badnet CA {100 * result.suspect_accuracy:.2f}%, goodnet CA {100 * sel.candidate.clean_accuracy:.2f}% "
         f"(alpha {sel.candidate.alpha:g}x, gamma {sel.candidate.gamma:.1f}) in {result.seconds:.0f}s; bundles and report in {path}"
     )
+    if result.gate_accuracy:
+        gate = result.config["gate_split"]
+        out_console.print(
+            f"on the {gate['images']} validation images reserved for the repair gate: "
+            f"badnet CA {100 * result.gate_accuracy['badnet']:.2f}%, "
+            f"goodnet CA {100 * result.gate_accuracy['goodnet']:.2f}%"
+        )
 
 
 @app.command("prune")

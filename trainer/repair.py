@@ -76,7 +76,11 @@
    that raised the served accuracy 2.5 points (docs/RESULTS.md, the NNoculation table).
    The pair must also not disagree on more than ``max_clean_suspect`` of the clean gate
    images, or the quarantine would fill with clean images. A failed gate marks the round
-   ``rejected`` and activates nothing.
+   ``rejected`` and activates nothing. The gate split (``trainer.prepare.gate_split``) is
+   the same images in every round, and prepare leaves it out too, so both sides of the
+   comparison are held out. A pair whose manifest does not name this split (prepared
+   before it was reserved, or on other data) gets a message and ``gate_held_out: false``:
+   its accuracy there is optimistic, and the gate stricter than theta.
 6. Save the bundles, register them, activate round K and mark the samples consumed, in one
    transaction. A crash marks the round ``failed`` and activates nothing.
 7. Write a PNG of clean images beside gen_ab(clean) and their mean difference (the
@@ -114,7 +118,7 @@ from trainer.cyclegan import DEFAULT_PRESET, PRESETS, CycleGANConfig, train_cycl
 from trainer.cyclegan.files import LearnedTrigger, load_triggers, save_triggers
 from trainer.data import Dataset
 from trainer.loop import MAX_SHIFT, FitConfig, accuracy, distilled_targets, fit
-from trainer.prepare import check_validation, split_validation
+from trainer.prepare import GATE_FRACTION, check_validation, gate_split, split_record
 from trainer.rounds import ROLES, mark_failed, publish_round, round_dir, running_round
 from trainer.stamps import Stamp, find_stamps, transplanted
 
@@ -140,7 +144,7 @@ class RepairConfig:
     split_by_label: bool = True  # one CycleGAN per target label with >= min_kept images
     ca_drop: float = 3.0  # the gate's theta, in points of served clean accuracy
     max_clean_suspect: float = 10.0  # the gate's bound on clean disagreement, in percent
-    gate_fraction: float = 0.2  # validation data held out for the gate
+    gate_fraction: float = GATE_FRACTION  # the gate split (trainer.prepare.gate_split)
     policy: str = "goodnet"  # the gateway's ensemble policy, which decides the served answer
     views: int = 3  # views of each clean image treated: x, then jittered copies (see treat)
     treatment: str = "both"  # of each view: "gan" gen_ab(v), "masked", or "both" (see treat)
@@ -533,7 +537,16 @@ def run_repair_round(
             mark_failed(sessions, round_no, f"{type(exc).__name__}: {exc}")
         raise
     with running_round(sessions, round_no, owner=owner, opened=opened):
-        train, gate = split_validation(valid, cfg.gate_fraction, cfg.seed)
+        train, gate = gate_split(valid, cfg.gate_fraction)
+        reserved = split_record(gate, cfg.gate_fraction)
+        held_out = bundles["goodnet"].manifest.meta.get("gate_split") == reserved
+        if not held_out:
+            progress(
+                f"round {round_no}: round {base_round}'s GoodNet does not name this gate "
+                f"split ({len(gate)} validation images) as held out of its training (prepared "
+                "before the split was reserved, or on other data), so its accuracy there may "
+                f"be optimistic and the gate stricter than {cfg.ca_drop:g} points"
+            )
         rng = np.random.default_rng(cfg.seed)
         domain_a = train.x[rng.permutation(len(train))[: cfg.clean_images]]
         progress(
@@ -606,6 +619,7 @@ def run_repair_round(
             "samples_kept": len(quarantined),
             "gate": gate_metrics,
             "gate_passed": passed,
+            "gate_held_out": held_out,
             "members": members,
             "clean_accuracy_served": gate_metrics["served clean accuracy"]["after"],
             "clean_accuracy_goodnet": members["goodnet"]["after"],
@@ -659,6 +673,8 @@ def run_repair_round(
                         "created_at": datetime.now(UTC).isoformat(),
                         "base_round": base_round,
                         "metrics": {"clean_accuracy_gate": members[role]["after"]},
+                        # held out of its whole lineage's training, or not known to be
+                        "gate_split": reserved if held_out else None,
                     },
                 )
             save_triggers(out, triggers)

@@ -17,18 +17,21 @@ from core.quarantine import active_round, list_rounds
 from tests.conftest import make_blobs
 from trainer.data import Dataset
 from trainer.lab import fabricate
-from trainer.loop import FitConfig
+from trainer.loop import FitConfig, predict
 from trainer.noise import add_noise
 from trainer.prepare import (
     Candidate,
     PrepareConfig,
     TrainJob,
     cross_fit_splits,
+    gate_split,
+    goodnet_from,
     grid_search,
     prepare_round_zero,
     retraining_targets,
     run_sequential,
     select_goodnet,
+    split_record,
 )
 
 
@@ -135,6 +138,11 @@ def test_prepare_registers_and_activates_round_zero(suspect: Path, tmp_path: Pat
         )
     goodnet = load_bundle(path / "goodnet")
     assert goodnet.manifest.meta["selection"]["chosen"]["alpha"] == result.selection.candidate.alpha
+    # the gate split it left out, as a repair round checks it, and its accuracy there
+    assert goodnet.manifest.meta["gate_split"] == split_record(gate_split(_valid())[1], 0.2)
+    gate_ca = result.gate_accuracy["goodnet"]
+    assert goodnet.manifest.meta["metrics"]["clean_accuracy_gate"] == gate_ca
+    assert row.metrics["clean_accuracy_goodnet"] == gate_ca
     assert (path / "report.json").is_file() and (path / "grid_ca.png").stat().st_size > 1000
     # a second prepare into the same store is refused and changes nothing
     with pytest.raises(UserError, match="round 0 already exists"):
@@ -303,7 +311,7 @@ def test_grid_candidates_carry_a_paired_standard_error(suspect: Path) -> None:
     result = grid_search(load_bundle(suspect), _valid(), SMALL, runner=run_sequential)
     for c in result.candidates:
         assert 0.0 <= c.drop_se <= 0.1
-    assert result.config["scored_size"] == 120  # every image scored once
+    assert result.config["scored_size"] == 96  # every image but the gate split's, once
 
 
 def test_refit_trains_the_goodnet_on_every_validation_image(suspect: Path) -> None:
@@ -312,8 +320,9 @@ def test_refit_trains_the_goodnet_on_every_validation_image(suspect: Path) -> No
     without = grid_search(
         bundle, _valid(), replace(SMALL, refit=False), runner=run_sequential, keep_states=True
     )
-    assert with_refit.config["goodnet_trained_on"] == 120
-    assert without.config["goodnet_trained_on"] == 60  # one of two folds
+    assert with_refit.config["goodnet_trained_on"] == 96  # all but the 24 of the gate split
+    fold = cross_fit_splits(gate_split(_valid())[0], SMALL)[0][0]
+    assert without.config["goodnet_trained_on"] == len(fold) == 47  # one of two folds
     chosen = without.candidates.index(without.selection.candidate)
     assert all(
         torch.equal(without.goodnet_state[k], without.states[chosen][k])
@@ -323,3 +332,28 @@ def test_refit_trains_the_goodnet_on_every_validation_image(suspect: Path) -> No
         torch.equal(with_refit.goodnet_state[k], with_refit.states[chosen][k])
         for k in with_refit.goodnet_state
     )
+
+
+def test_nothing_in_prepare_trains_or_selects_on_the_gate_split(suspect: Path) -> None:
+    bundle, valid = load_bundle(suspect), _valid()
+    rest, gate = gate_split(valid)
+    assert (len(rest), len(gate)) == (96, 24)
+    assert np.bincount(gate.y).tolist() == [round(0.2 * n) for n in np.bincount(valid.y)]
+    assert gate_split(valid)[1].x.tobytes() == gate.x.tobytes()  # the same images every time
+    reserved = grid_search(bundle, valid, SMALL, runner=run_sequential)
+    # the same search on the rest alone, reserving nothing: the gate images changed nothing
+    alone = grid_search(bundle, rest, replace(SMALL, gate_fraction=0), runner=run_sequential)
+    assert [c.clean_accuracy for c in reserved.candidates] == [
+        c.clean_accuracy for c in alone.candidates
+    ]
+    assert all(torch.equal(reserved.goodnet_state[k], v) for k, v in alone.goodnet_state.items())
+    assert reserved.config["gate_split"] == split_record(gate, 0.2)
+    assert alone.config["gate_split"] is None and alone.gate_accuracy == {}
+    spec = bundle.manifest.input
+    goodnet = goodnet_from(bundle, reserved.goodnet_state)
+    assert reserved.gate_accuracy == {
+        "badnet": float(np.mean(predict(bundle.model, gate.x, spec) == gate.y)),
+        "goodnet": float(np.mean(predict(goodnet, gate.x, spec) == gate.y)),
+    }
+    with pytest.raises(UserError, match="gate_fraction must lie in"):
+        grid_search(bundle, valid, replace(SMALL, gate_fraction=1.0))

@@ -154,6 +154,10 @@ def test_a_round_activates_consumes_and_writes_its_trigger(tmp_path: Path, lab: 
     served = outcome.metrics["gate"]["served clean accuracy"]["after"]
     assert served == outcome.metrics["members"]["goodnet"]["after"]  # the GoodNet policy
     assert outcome.metrics["gate_passed"] and 0.0 < served <= 1.0
+    # the lab's pair was not prepared, so nothing says it left the gate split out
+    assert outcome.metrics["gate_held_out"] is False
+    assert any("does not name this gate split" in m for m in messages)
+    assert load_bundle(outcome.path / "goodnet").manifest.meta["gate_split"] is None
     train = round(0.8 * len(_valid()))  # the default gate_fraction holds 20% out
     kept = outcome.metrics["samples_kept"]  # views, both copies, 3 views of each kept sample
     assert outcome.metrics["finetune_images"] == 3 * train + 2 * 3 * train + 3 * kept
@@ -754,3 +758,41 @@ def test_a_stamp_only_trigger_round_trips_and_an_empty_entry_is_refused(tmp_path
     (tmp_path / INDEX).write_text(json.dumps(index))
     with pytest.raises(DataError, match="names neither a generator file nor stamps"):
         load_triggers(tmp_path)
+
+
+def test_a_round_after_prepare_gates_on_a_split_both_sides_held_out(
+    tmp_path: Path, lab: Lab
+) -> None:
+    from core.bundle import save_bundle
+    from trainer.prepare import gate_split, split_record
+
+    reserved = split_record(gate_split(_valid())[1], 0.2)
+    good = load_bundle(lab.goodnet)  # as prepare writes it: naming the split it left out
+    m = good.manifest
+    prepared = tmp_path / "prepared"
+    save_bundle(
+        good.model,
+        prepared,
+        arch=m.arch,
+        arch_kwargs=m.arch_kwargs,
+        class_names=m.class_names,
+        input_spec=m.input,
+        meta={**m.meta, "gate_split": reserved},
+    )
+    sessions = session_factory(open_store(f"sqlite:///{tmp_path / 'q.db'}"))
+    publish_pair(sessions, tmp_path, 0, lab.badnet, prepared, activate=True)
+    _quarantine(sessions, lab, 40)
+    messages: list[str] = []
+    outcome = run_repair_round(
+        sessions=sessions,
+        store=tmp_path,
+        round_no=1,
+        valid=_valid(),
+        cfg=TINY,
+        progress=messages.append,
+    )
+    assert outcome.status == "succeeded" and outcome.path is not None
+    assert outcome.metrics["gate_held_out"] is True
+    assert not any("does not name this gate split" in m for m in messages)
+    for role in ("badnet", "goodnet"):  # so round 2 knows it too
+        assert load_bundle(outcome.path / role).manifest.meta["gate_split"] == reserved
