@@ -186,6 +186,7 @@ def one_attack(
             "cyclegan_seconds": outcome.metrics["cyclegan_seconds"],
             "stamp_pixels": outcome.metrics.get("stamp_pixels"),
             "gate": outcome.metrics["gate"],
+            "gate_held_out": outcome.metrics.get("gate_held_out"),
         }
         for stage, bundle in (
             ("badnet", load_bundle(zoo_dir)),
@@ -269,6 +270,22 @@ def gate(r: dict[str, Any]) -> str:
     return f"{100 * ca['before']:.2f} -> {100 * ca['after']:.2f}" if ca else "-"
 
 
+def held_out(rows: list[dict[str, Any]]) -> str:
+    """The sentence on the gate split: held out of round 0's training too, or not."""
+    flags = {r.get("gate_held_out") for r in rows}
+    if flags == {True}:
+        return (
+            " The gate split is the 20% of the validation data that prepare and the round both "
+            "leave out, so the gate's before and after are both held-out accuracies."
+        )
+    if flags == {None}:  # a run from before the split was reserved
+        return (
+            " Round 0's GoodNet was refitted on the gate split too, so the gate's before is "
+            "optimistic."
+        )
+    return " Rows differ in whether round 0 left the gate split out (`gate_held_out`)."
+
+
 def render(data: dict[str, Any]) -> str:
     pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
     g = data["cyclegan"]
@@ -283,7 +300,7 @@ def render(data: dict[str, Any]) -> str:
         f"`{data['repair'].get('treatment', 'gan')}`"
         f"{quarantine_views(data['repair'])}; "
         f"it learns from the quarantined images the suspect answers with confidence >= {data['repair']['min_score']:g} "
-        f"(kept).{transplant(data['repair'])} "
+        f"(kept).{transplant(data['repair'])}{held_out(data['rows'])} "
         "CA and ASR on the 5,000-image held-out split. The gateway answers with the GoodNet's label whenever the models "
         "disagree, so the GoodNet columns are the gateway's answers. The last column is how often the round 1 "
         "GoodNet answers the target on the same held-out images *without* a trigger: that part of its ASR is clean "
