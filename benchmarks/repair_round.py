@@ -39,6 +39,7 @@ from benchmarks.results import (
 )
 from core.bundle import load_bundle
 from core.db import open_store, session_factory, transaction
+from core.errors import UserError
 from core.quarantine import NewSample, active_round, add_samples
 from gateway.ensemble import GoodNetPolicy, decide_batch
 from gateway.follower import load_pair
@@ -53,7 +54,13 @@ from trainer.data import Dataset
 from trainer.lab import attack_of
 from trainer.loop import accuracy
 from trainer.prepare import PrepareConfig, prepare_round_zero
-from trainer.repair import RepairConfig, confident_mask, describe_gate, run_repair_round
+from trainer.repair import (
+    RepairConfig,
+    RepairOutcome,
+    confident_mask,
+    describe_gate,
+    run_repair_round,
+)
 
 NAME = "repair_round"
 DEFAULT_ATTACKS = [
@@ -164,15 +171,20 @@ def one_attack(
         sessions, pair, q = round_zero_and_quarantine(zoo_dir, data, prep, store)
         kept = confident_mask(pair.badnet, q["images"], cfg.min_score)
         start = time.perf_counter()
-        outcome = run_repair_round(
-            sessions=sessions,
-            store=store,
-            round_no=1,
-            valid=data["valid"],
-            cfg=cfg,
-            progress=lambda m: print(m, flush=True),
-        )
+        try:
+            outcome = run_repair_round(
+                sessions=sessions,
+                store=store,
+                round_no=1,
+                valid=data["valid"],
+                cfg=cfg,
+                progress=lambda m: print(m, flush=True),
+            )
+        except UserError as exc:  # the round would not start (too few samples): a row says so
+            print(exc, flush=True)
+            outcome = RepairOutcome(1, "refused", {"refusal": str(exc)}, None)
         seconds = time.perf_counter() - start
+        metrics = outcome.metrics
         row: dict[str, Any] = {
             "attack": name,
             "quarantined": len(q["images"]),
@@ -183,10 +195,11 @@ def one_attack(
             "requests_until_full": q["requests_until_full"],
             "status": outcome.status,
             "round_seconds": seconds,
-            "cyclegan_seconds": outcome.metrics["cyclegan_seconds"],
-            "stamp_pixels": outcome.metrics.get("stamp_pixels"),
-            "gate": outcome.metrics["gate"],
-            "gate_held_out": outcome.metrics.get("gate_held_out"),
+            "cyclegan_seconds": metrics.get("cyclegan_seconds", 0.0),
+            "stamp_pixels": metrics.get("stamp_pixels"),
+            "gate": metrics.get("gate", {}),
+            "gate_held_out": metrics.get("gate_held_out"),
+            **({"refusal": metrics["refusal"]} if "refusal" in metrics else {}),
         }
         for stage, bundle in (
             ("badnet", load_bundle(zoo_dir)),
@@ -272,7 +285,7 @@ def gate(r: dict[str, Any]) -> str:
 
 def held_out(rows: list[dict[str, Any]]) -> str:
     """The sentence on the gate split: held out of round 0's training too, or not."""
-    flags = {r.get("gate_held_out") for r in rows}
+    flags = {r.get("gate_held_out") for r in rows if r["status"] != "refused"}
     if flags == {True}:
         return (
             " The gate split is the 20% of the validation data that prepare and the round both "
@@ -315,6 +328,8 @@ def render(data: dict[str, Any]) -> str:
         r1g = (
             f"{pct(r['round1_goodnet_ca'])} / {pct(r['round1_goodnet_asr'])}"
             if r["status"] == "succeeded"
+            else f"no round: {r['refusal']}"
+            if r["status"] == "refused"
             else f"rejected by the gate: {describe_gate(r['gate'])}"
         )
         r1b = (

@@ -311,18 +311,19 @@ def test_grid_candidates_carry_a_paired_standard_error(suspect: Path) -> None:
     result = grid_search(load_bundle(suspect), _valid(), SMALL, runner=run_sequential)
     for c in result.candidates:
         assert 0.0 <= c.drop_se <= 0.1
-    assert result.config["scored_size"] == 96  # every image but the gate split's, once
+    assert result.config["scored_size"] == 120  # every image scored once
 
 
-def test_refit_trains_the_goodnet_on_every_validation_image(suspect: Path) -> None:
+def test_refit_trains_the_goodnet_on_every_validation_image_but_the_gate_split(
+    suspect: Path,
+) -> None:
     bundle = load_bundle(suspect)
     with_refit = grid_search(bundle, _valid(), SMALL, runner=run_sequential, keep_states=True)
     without = grid_search(
         bundle, _valid(), replace(SMALL, refit=False), runner=run_sequential, keep_states=True
     )
     assert with_refit.config["goodnet_trained_on"] == 96  # all but the 24 of the gate split
-    fold = cross_fit_splits(gate_split(_valid())[0], SMALL)[0][0]
-    assert without.config["goodnet_trained_on"] == len(fold) == 47  # one of two folds
+    assert without.config["goodnet_trained_on"] == 60  # one of two folds
     chosen = without.candidates.index(without.selection.candidate)
     assert all(
         torch.equal(without.goodnet_state[k], without.states[chosen][k])
@@ -334,26 +335,33 @@ def test_refit_trains_the_goodnet_on_every_validation_image(suspect: Path) -> No
     )
 
 
-def test_nothing_in_prepare_trains_or_selects_on_the_gate_split(suspect: Path) -> None:
+def test_the_goodnet_never_trains_on_the_gate_split(suspect: Path) -> None:
     bundle, valid = load_bundle(suspect), _valid()
     rest, gate = gate_split(valid)
     assert (len(rest), len(gate)) == (96, 24)
     assert np.bincount(gate.y).tolist() == [round(0.2 * n) for n in np.bincount(valid.y)]
     assert gate_split(valid)[1].x.tobytes() == gate.x.tobytes()  # the same images every time
-    reserved = grid_search(bundle, valid, SMALL, runner=run_sequential)
-    # the same search on the rest alone, reserving nothing: the gate images changed nothing
-    alone = grid_search(bundle, rest, replace(SMALL, gate_fraction=0), runner=run_sequential)
-    assert [c.clean_accuracy for c in reserved.candidates] == [
-        c.clean_accuracy for c in alone.candidates
-    ]
-    assert all(torch.equal(reserved.goodnet_state[k], v) for k, v in alone.goodnet_state.items())
+    one = replace(SMALL, alphas=(1.0,), gammas=(0.2,))  # one candidate: the choice is fixed
+    reserved = grid_search(bundle, valid, one, runner=run_sequential)
+    # the gate images replaced by noise (same labels, so the same split): same GoodNet
+    in_gate = np.isin([x.tobytes() for x in valid.x], [x.tobytes() for x in gate.x])
+    noisy = valid.x.copy()
+    noisy[in_gate] = np.random.default_rng(0).integers(0, 256, noisy[in_gate].shape)
+    other = grid_search(bundle, Dataset(noisy, valid.y, valid.class_names, "noisy"), one)
+    scores = [c.clean_accuracy for c in reserved.candidates]
+    assert [c.clean_accuracy for c in other.candidates] != scores  # the folds saw the noise
+    assert all(torch.equal(reserved.goodnet_state[k], v) for k, v in other.goodnet_state.items())
     assert reserved.config["gate_split"] == split_record(gate, 0.2)
-    assert alone.config["gate_split"] is None and alone.gate_accuracy == {}
     spec = bundle.manifest.input
     goodnet = goodnet_from(bundle, reserved.goodnet_state)
     assert reserved.gate_accuracy == {
         "badnet": float(np.mean(predict(bundle.model, gate.x, spec) == gate.y)),
         "goodnet": float(np.mean(predict(goodnet, gate.x, spec) == gate.y)),
     }
+    everything = grid_search(bundle, valid, replace(one, gate_fraction=0))
+    assert everything.config["gate_split"] is None and everything.gate_accuracy == {}
+    assert everything.config["goodnet_trained_on"] == 120
+    fold = grid_search(bundle, valid, replace(one, refit=False))  # a fold saw part of it
+    assert fold.config["gate_split"] is None
     with pytest.raises(UserError, match="gate_fraction must lie in"):
         grid_search(bundle, valid, replace(SMALL, gate_fraction=1.0))
