@@ -288,8 +288,9 @@ def held_out(rows: list[dict[str, Any]]) -> str:
     flags = {r.get("gate_held_out") for r in rows if r["status"] != "refused"}
     if flags == {True}:
         return (
-            " The gate split is the 20% of the validation data that prepare and the round both "
-            "leave out, so the gate's before and after are both held-out accuracies."
+            " The gate split is the 20% of the validation data that neither round 0's GoodNet "
+            "(prepare refits it on the rest) nor round 1 trains on, so the gate's before and "
+            "after are both held-out accuracies."
         )
     if flags == {None}:  # a run from before the split was reserved
         return (
