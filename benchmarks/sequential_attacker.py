@@ -38,7 +38,12 @@ from core.bundle import Bundle, load_bundle
 from core.db import open_store, session_factory
 from core.quarantine import active_round
 from gateway.follower import load_pair
-from trainer.attacks.poison import Attack, attack_success_rates
+from trainer.attacks.poison import (
+    Attack,
+    attack_success_rates,
+    clean_target_rates,
+    target_rates_by_class,
+)
 from trainer.data import Dataset
 from trainer.lab import attack_of
 from trainer.loop import accuracy
@@ -50,9 +55,22 @@ NAME = "sequential_attacker"
 
 def _stage(stage: str, bundle: Bundle, heldout: Dataset, attack: Attack) -> dict[str, Any]:
     rates = attack_success_rates(bundle.predict, heldout, attack)
+    floor = clean_target_rates(bundle.predict, heldout, attack)
     ca = accuracy(bundle.model, heldout.x, heldout.y, bundle.manifest.input)
     print(stage, f"CA {100 * ca:.2f}", {k: round(100 * v, 2) for k, v in rates.items()}, flush=True)
-    return {"stage": stage, "ca": ca, "asr": rates}
+    return {"stage": stage, "ca": ca, "asr": rates, "clean_target": floor}
+
+
+def _residual(bundle: Bundle, heldout: Dataset, attack: Attack, stage: dict[str, Any]) -> dict:
+    """Per true class, for each trigger the stage leaves above ASR_MAX: which classes the
+    trigger still moves to its target, beside how often they get that label clean."""
+    return {
+        g.name: target_rates_by_class(
+            bundle.predict, heldout, g, num_classes=attack.num_classes, seed=attack.seed
+        )
+        for g in attack.firing
+        if stage["asr"][g.name] > ASR_MAX
+    }
 
 
 def run(zoo_dir: Path) -> dict[str, Any]:
@@ -70,6 +88,7 @@ def run(zoo_dir: Path) -> dict[str, Any]:
     suspect = load_bundle(zoo_dir)
     stages = [_stage("BadNet", suspect, data["heldout"], attack)]
     rounds: list[dict[str, Any]] = []
+    residual: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp)
         sessions = session_factory(open_store(f"sqlite:///{store / 'q.db'}"))
@@ -121,13 +140,18 @@ def run(zoo_dir: Path) -> dict[str, Any]:
                 print(f"{label} was {outcome.status}: {outcome.metrics.get('gate')}", flush=True)
                 break
             for role in ("goodnet", "badnet"):
+                member = load_bundle(outcome.path / role)
                 stage = _stage(
                     f"{label} {'GoodNet' if role == 'goodnet' else 'BadNet member'}",
-                    load_bundle(outcome.path / role),
+                    member,
                     data["heldout"],
                     attack,
                 )
                 stages.append(stage)
+                if role == "goodnet":  # the last round's is the one reported
+                    residual = {"stage": stage["stage"]} | _residual(
+                        member, data["heldout"], attack, stage
+                    )
             png = RESULTS_DIR / f"{NAME}_round{round_no}_trigger.png"
             shutil.copy(outcome.path / "trigger.png", png)
             row["trigger_png"] = png.name
@@ -140,10 +164,12 @@ def run(zoo_dir: Path) -> dict[str, Any]:
         "threads": threads,
         "attack": zoo_dir.name,
         "triggers": names,
+        "class_names": list(data["heldout"].class_names),
         "repair": {k: v for k, v in cfg.to_dict().items() if k != "cyclegan"},
         "cyclegan": cfg.cyclegan.to_dict(),
         "stages": stages,
         "rounds": rounds,
+        "residual": residual,
         "checks": {
             "round1_removes_streamed_triggers": r1 is not None
             and all(r1["asr"][n] <= ASR_MAX for n in names[:2]),
@@ -164,15 +190,17 @@ def render(data: dict[str, Any]) -> str:
         "Phase 1 streams the first half of the stream split with 10% of it triggered by "
         f"{' and '.join(names[:2])}; round 1 repairs from its first 200 distinct disagreements. Phase 2 streams the "
         f"second half with 10% triggered by {names[2]} only, served by round 1; round 2 repairs from its disagreements. "
-        "CA and ASR on the 5,000-image held-out split; the GoodNet rows are the gateway's answers.",
+        "CA and ASR on the 5,000-image held-out split; the GoodNet rows are the gateway's answers. "
+        "In brackets, each model's clean target rate: how often it gives the trigger's target to the same "
+        "images without the trigger, the floor no repair of the backdoor lowers.",
         "",
-        "| stage | CA % | " + " | ".join(f"ASR {n} %" for n in names) + " |",
+        "| stage | CA % | " + " | ".join(f"ASR {n} % (clean)" for n in names) + " |",
         "|---|---|" + "---|" * len(names),
     ]
     for s in data["stages"]:
         lines.append(
             f"| {s['stage']} | {pct(s['ca'])} | "
-            + " | ".join(pct(s["asr"][n]) for n in names)
+            + " | ".join(f"{pct(s['asr'][n])} ({pct(s['clean_target'][n])})" for n in names)
             + " |"
         )
     lines += [
@@ -186,6 +214,7 @@ def render(data: dict[str, Any]) -> str:
             f"{r['quarantined']} ({pct(r['quarantine_precision'])}) | {r['kept']} ({pct(r['kept_precision'])}) | "
             f"{stamp(r)} | {gate(r)} | {r['status']} | {r['round_seconds']:.0f} |"
         )
+    lines += _render_residual(data)
     lines += [
         "",
         checks_line(data["checks"]),
@@ -193,6 +222,27 @@ def render(data: dict[str, Any]) -> str:
     ]
     lines += trigger_images(data["rounds"], lambda r: f"round {r['round']} trigger")
     return "\n".join(lines)
+
+
+def _render_residual(data: dict[str, Any]) -> list[str]:
+    """Per true class, the triggers the last GoodNet leaves above the goal (none: nothing)."""
+    groups = {k: v for k, v in data.get("residual", {}).items() if k != "stage"}
+    lines = []
+    for name, by_class in groups.items():
+        lines += [
+            "",
+            f"Where {name} still works on the {data['residual']['stage']}: per true class, the share "
+            f"labelled with {name}'s target clean and triggered.",
+            "",
+            "| true class | images | clean % | triggered % | images moved by the trigger |",
+            "|---|---|---|---|---|",
+        ]
+        for c, (n, clean, hit) in sorted(by_class.items(), key=lambda kv: -(kv[1][2] - kv[1][1])):
+            label = f"{c} {data['class_names'][int(c)]}" if "class_names" in data else c
+            lines.append(
+                f"| {label} | {n} | {100 * clean:.1f} | {100 * hit:.1f} | {round(n * (hit - clean))} |"
+            )
+    return lines
 
 
 def main() -> None:

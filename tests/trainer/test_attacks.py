@@ -7,9 +7,12 @@ from trainer.attacks.poison import (
     ATTACKS,
     NEXT,
     Attack,
+    attack_success_rates,
     build_attack,
     clean_target_rate,
+    clean_target_rates,
     poison,
+    target_rates_by_class,
     triggered,
 )
 from trainer.attacks.triggers import Blend, Filter, Patch, Warp
@@ -129,6 +132,32 @@ def test_clean_target_rate_counts_target_answers_on_untriggered_non_target_image
     a2a = build_attack("all-to-all", target=0, num_classes=10, image_shape=SHAPE)
     assert clean_target_rate(lambda x: (data.y + 1) % 10, data, a2a) == 1.0
     assert clean_target_rate(always_target, data, a2a) == pytest.approx(np.mean(data.y == 9))
+
+
+def test_target_rates_by_class_say_which_classes_carry_a_residual_backdoor() -> None:
+    """A model that calls every clean class-6 image the target, and only triggered class-4
+    images: class 4 carries the excess over the clean rate, class 6 only the floor."""
+    data = make_blobs(120, shape=SHAPE, classes=10)
+    patch = build_attack("patch", target=0, num_classes=10, image_shape=SHAPE)
+    flat = data.x.reshape(len(data.x), -1).astype(np.int64)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        rows = x.reshape(len(x), -1).astype(np.int64)
+        nearest = ((rows[:, None, :] - flat[None, :, :]) ** 2).sum(-1).argmin(1)
+        stamped = (rows != flat[nearest]).any(1)
+        y = data.y[nearest]
+        return np.where((y == 6) | (stamped & (y == 4)), 0, y)
+
+    rates = target_rates_by_class(predict, data, patch.groups[0], num_classes=10, seed=patch.seed)
+    assert 0 not in rates  # the target's own images are not counted
+    assert rates[4] == ((data.y == 4).sum(), 0.0, 1.0)
+    assert rates[6] == ((data.y == 6).sum(), 1.0, 1.0)
+    assert all(clean == hit == 0.0 for c, (_, clean, hit) in rates.items() if c not in (4, 6))
+    counted = sum(n for n, _, _ in rates.values())
+    asr = sum(n * hit for n, _, hit in rates.values()) / counted
+    assert asr == pytest.approx(attack_success_rates(predict, data, patch)["patch"])
+    floor = sum(n * clean for n, clean, _ in rates.values()) / counted
+    assert clean_target_rates(predict, data, patch) == {"patch": pytest.approx(floor)}
 
 
 def test_attack_round_trips_through_its_dict() -> None:

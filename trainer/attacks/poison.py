@@ -290,12 +290,45 @@ def clean_target_rate(
     This is the part of :func:`firing_success_rate` that is plain clean error (a shirt
     called a T-shirt), which no repair of the backdoor removes.
     """
+    return float(np.mean(list(clean_target_rates(predict, dataset, attack).values())))
+
+
+def clean_target_rates(
+    predict: Callable[[np.ndarray], np.ndarray], dataset: Dataset, attack: Attack
+) -> dict[str, float]:
+    """:func:`clean_target_rate` per firing group: the floor under each group's ASR."""
     labels = predict(dataset.x)
-    rates = []
+    rates: dict[str, float] = {}
     for group in attack.firing:
         keep, targets = counted(dataset, group, attack.num_classes)
-        rates.append(float((labels[keep] == targets[keep]).mean()))
-    return float(np.mean(rates))
+        rates[group.name] = float((labels[keep] == targets[keep]).mean())
+    return rates
+
+
+def target_rates_by_class(
+    predict: Callable[[np.ndarray], np.ndarray],
+    dataset: Dataset,
+    group: TriggerGroup,
+    *,
+    num_classes: int,
+    seed: int = 0,
+) -> dict[int, tuple[int, float, float]]:
+    """Per true class of the images ASR counts: (how many, the share the model labels with
+    the group's target clean, the share it labels so triggered).
+
+    Where a repaired model's ASR stays above its clean target rate, this says which classes
+    carry the excess. The triggered copies are those of :func:`attack_success_rates` (same
+    seed), so the count-weighted mean of the triggered shares is the group's ASR.
+    """
+    keep, targets = counted(dataset, group, num_classes)
+    x, targets = triggered(dataset, group, num_classes=num_classes, seed=seed)
+    clean_hit = predict(dataset.x[keep]) == targets
+    hit = predict(x) == targets
+    y = dataset.y[keep]
+    return {
+        int(c): (int((y == c).sum()), float(clean_hit[y == c].mean()), float(hit[y == c].mean()))
+        for c in np.unique(y)
+    }
 
 
 def conditional_success_rates(
