@@ -87,9 +87,10 @@ def test_cyclegan_refuses_unusable_domains() -> None:
         train_cyclegan(np.zeros((4, 30, 30, 1), np.uint8), np.zeros((4, 30, 30, 1), np.uint8))
 
 
-def _store(tmp_path: Path, lab: Lab) -> sessionmaker[Session]:
+def _store(tmp_path: Path, lab: Lab, goodnet: Path | None = None) -> sessionmaker[Session]:
+    """A fresh store whose active round 0 is the lab's pair (or its badnet and ``goodnet``)."""
     sessions = session_factory(open_store(f"sqlite:///{tmp_path / 'q.db'}"))
-    publish_pair(sessions, tmp_path, 0, lab.badnet, lab.goodnet, activate=True)
+    publish_pair(sessions, tmp_path, 0, lab.badnet, goodnet or lab.goodnet, activate=True)
     return sessions
 
 
@@ -115,7 +116,12 @@ def _first_round(
     tmp_path: Path, lab: Lab, cfg: RepairConfig
 ) -> tuple[sessionmaker[Session], RepairOutcome, list[str]]:
     """Round 1 on a fresh store with 40 quarantined samples: (store, outcome, progress)."""
-    sessions = _store(tmp_path, lab)
+    return _round_one(_store(tmp_path, lab), tmp_path, lab, cfg)
+
+
+def _round_one(
+    sessions: sessionmaker[Session], tmp_path: Path, lab: Lab, cfg: RepairConfig
+) -> tuple[sessionmaker[Session], RepairOutcome, list[str]]:
     _quarantine(sessions, lab, 40)
     messages: list[str] = []
     outcome = run_repair_round(
@@ -779,18 +785,7 @@ def test_a_round_after_prepare_gates_on_a_split_both_sides_held_out(
         input_spec=m.input,
         meta={**m.meta, "gate_split": reserved},
     )
-    sessions = session_factory(open_store(f"sqlite:///{tmp_path / 'q.db'}"))
-    publish_pair(sessions, tmp_path, 0, lab.badnet, prepared, activate=True)
-    _quarantine(sessions, lab, 40)
-    messages: list[str] = []
-    outcome = run_repair_round(
-        sessions=sessions,
-        store=tmp_path,
-        round_no=1,
-        valid=_valid(),
-        cfg=TINY,
-        progress=messages.append,
-    )
+    _, outcome, messages = _round_one(_store(tmp_path, lab, prepared), tmp_path, lab, TINY)
     assert outcome.status == "succeeded" and outcome.path is not None
     assert outcome.metrics["gate_held_out"] is True
     assert not any("does not name this gate split" in m for m in messages)
