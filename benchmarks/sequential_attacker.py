@@ -8,8 +8,10 @@ uses two of them first, and the third only after the defender has repaired the f
 2. Phase 1: the first half of the stream split, 10% of it triggered with triggers 1 and 2 in
    turn, through the gateway's ensemble code; its first 200 distinct disagreements go into
    the store. Round 1 (``run_repair_round``, what the watcher runs) repairs from them.
-3. Phase 2: the second half, 10% triggered with trigger 3 only, served by round 1's pair;
-   its disagreements (up to 200) go into the store, and round 2 repairs from them.
+3. Phase 2: the second half, then the whole stream split again (an attacker re-sends), 10%
+   triggered with trigger 3 only, served by round 1's pair; its first 200 distinct
+   disagreements go into the store, and round 2 repairs from them. (The second half alone
+   gave 93: round 1's pair disagrees on fewer of trigger 3's images than round 0's did.)
 ASR per trigger and CA on the held-out split after each stage. The gateway answers with the
 GoodNet's label whenever the models disagree, so the GoodNet's rates are the gateway's.
 Goal: after round 1, ASR <= 3% for triggers 1 and 2; after round 2, for all three; and a CA
@@ -24,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from benchmarks.repair_round import ASR_MAX, CA_DROP_MAX, collect, gate, stamp, store_quarantine
 from benchmarks.results import (
@@ -79,10 +83,13 @@ def run(zoo_dir: Path) -> dict[str, Any]:
     attack = attack_of(zoo_dir)
     if attack is None or len(attack.firing) < 3:
         raise SystemExit(f"{zoo_dir} is not a BadNet with three triggers")
-    half = len(data["stream"]) // 2
+    n = len(data["stream"])
+    half = n // 2
     phases = [
         ("round 1", data["stream"].take(slice(0, half)), attack.firing[:2]),
-        ("round 2", data["stream"].take(slice(half, None)), attack.firing[2:3]),
+        # round 1 removes most of what it serves, so the second half alone fills about 90:
+        # the attacker goes on re-sending the stream split, until N = 200 as in round 1
+        ("round 2", data["stream"].take(np.r_[half:n, 0:n]), attack.firing[2:3]),
     ]
     cfg = RepairConfig()
     suspect = load_bundle(zoo_dir)
@@ -189,7 +196,8 @@ def render(data: dict[str, Any]) -> str:
         f"The {data['attack']} BadNet: three triggers with three targets. Round 0 from `prepare` (default grid). "
         "Phase 1 streams the first half of the stream split with 10% of it triggered by "
         f"{' and '.join(names[:2])}; round 1 repairs from its first 200 distinct disagreements. Phase 2 streams the "
-        f"second half with 10% triggered by {names[2]} only, served by round 1; round 2 repairs from its disagreements. "
+        f"second half and then the whole stream split again, with 10% triggered by {names[2]} only, served by round 1; "
+        "round 2 repairs from its first 200 distinct disagreements. "
         "CA and ASR on the 5,000-image held-out split; the GoodNet rows are the gateway's answers. "
         "In brackets, each model's clean target rate: how often it gives the trigger's target to the same "
         "images without the trigger, the floor no repair of the backdoor lowers.",
