@@ -112,6 +112,7 @@ from core.quarantine import (
     pending_samples,
     round_models,
 )
+from core.schema import RepairRound
 from gateway.ensemble import ModelPair, Policy, make_policy
 from gateway.follower import load_pair, load_round_pair
 from trainer.cyclegan import DEFAULT_PRESET, PRESETS, CycleGANConfig, train_cyclegan, translate
@@ -279,6 +280,14 @@ def _load_suspect(
         if all(m.role != "badnet" for m in round_models(session=session, round_no=0)):
             return pair.badnet  # a store without round 0's files: the active member will do
         return load_round_pair(session, 0, trusted_modules=trusted_modules).badnet
+
+
+def _triggers_sha256(sessions: sessionmaker[Session], round_no: int) -> str | None:
+    """The digest of the learned-trigger index the store registered for ``round_no``; None
+    for round 0 and for rounds written before rounds registered one."""
+    with sessions() as session:
+        row = session.get(RepairRound, round_no)
+        return None if row is None else (row.metrics or {}).get("triggers_sha256")
 
 
 def _quarantine(
@@ -531,7 +540,9 @@ def run_repair_round(
         suspect = _load_suspect(sessions, pair, trusted_modules)
         quarantined = confident(suspect, pending, cfg)
         active = pair.goodnet.path.parent if pair.goodnet.path else round_dir(store, base_round)
-        inherited = load_triggers(active) if cfg.replay else []
+        inherited = (
+            load_triggers(active, _triggers_sha256(sessions, base_round)) if cfg.replay else []
+        )
     except BaseException as exc:
         if opened:
             mark_failed(sessions, round_no, f"{type(exc).__name__}: {exc}")
@@ -677,7 +688,7 @@ def run_repair_round(
                         "gate_split": reserved if held_out else None,
                     },
                 )
-            save_triggers(out, triggers)
+            metrics["triggers_sha256"] = save_triggers(out, triggers)  # registered with the round
             sample = gate.x[:8]
             figure_rng = np.random.default_rng(cfg.seed)
             for i, ((label, images), trigger) in enumerate(zip(groups, own, strict=True)):

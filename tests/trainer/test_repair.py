@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
-from core.bundle import load_bundle
+from core.bundle import file_sha256, load_bundle
 from core.db import open_store, session_factory, transaction
 from core.errors import DataError, UserError
 from core.quarantine import (
@@ -34,7 +35,7 @@ from tests.conftest import (
 )
 from trainer.attacks.poison import build_attack
 from trainer.cyclegan import train_cyclegan, translate
-from trainer.cyclegan.files import load_triggers
+from trainer.cyclegan.files import INDEX, load_triggers
 from trainer.cyclegan.models import PatchDiscriminator, ResnetGenerator
 from trainer.data import Dataset, load_fashion_mnist
 from trainer.repair import (
@@ -433,11 +434,20 @@ def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
     assert kept.region.sum() == 16 and kept.donors.dtype == np.uint8
     assert np.isin(kept.donors[:, kept.region], (0, 255)).mean() > 0.9  # the lab's checker
 
-    # damaged stamps or weights stop round 3 before it exists (nothing is half-read)
+    # damaged stamps or weights stop round 3 before it exists (nothing is half-read), and so
+    # does an index rewritten to drop a trigger: the store registered the index's sha256
     _quarantine(sessions, lab, 12, start=24)
-    for damaged in (paths[1] / second[1].stamps_file, paths[1] / second[0].file):
+    index = paths[1] / INDEX
+    assert outcome.metrics["triggers_sha256"] == file_sha256(index)
+    entries = json.loads(index.read_text())["triggers"]
+    dropped = json.dumps({"triggers": entries[1:]}).encode()
+    for damaged, bad in (
+        (paths[1] / second[1].stamps_file, None),
+        (paths[1] / second[0].file, None),
+        (index, dropped),
+    ):
         good = damaged.read_bytes()
-        damaged.write_bytes(good[: len(good) // 2])
+        damaged.write_bytes(good[: len(good) // 2] if bad is None else bad)
         with pytest.raises(DataError, match="learned triggers .* cannot be read.*--no-replay"):
             run(3, cfg)
         damaged.write_bytes(good)
@@ -736,14 +746,50 @@ def test_learned_stamps_round_trip_and_mismatched_ones_are_refused(tmp_path: Pat
 
     bad = {"region0": region[:3].astype(np.uint8), "donors0": stamp.donors}  # 3 rows of 28
     save_file(bad, str(tmp_path / first.stamps_file))
+    with pytest.raises(DataError, match=f"{first.stamps_file} does not match the sha256"):
+        load_triggers(tmp_path)  # a valid file, but not the one the round wrote
+    index = json.loads((tmp_path / INDEX).read_text())
+    index["triggers"][0]["stamps_sha256"] = file_sha256(tmp_path / first.stamps_file)
+    (tmp_path / INDEX).write_text(json.dumps(index))
     with pytest.raises(DataError, match=r"stamp 0 has region \(3, 28\) and carriers"):
-        load_triggers(tmp_path)
+        load_triggers(tmp_path)  # the digest agrees: the shapes are checked too
+
+
+def test_learned_triggers_are_checked_against_the_digest_their_round_registered(
+    tmp_path: Path,
+) -> None:
+    from trainer.cyclegan.files import LearnedTrigger, save_triggers
+
+    gen = ResnetGenerator(SHAPE[2], 8, 1)
+    digest = save_triggers(tmp_path, [LearnedTrigger(gen, 1, None)])
+    assert digest == file_sha256(tmp_path / INDEX)
+    (learned,) = load_triggers(tmp_path, digest)
+    assert learned.gen is not None and learned.round == 1
+
+    # weights swapped for another valid generator's: refused by the index's digest
+    from safetensors.torch import save_file
+
+    other = ResnetGenerator(SHAPE[2], 8, 1).state_dict()
+    save_file({k: v.contiguous() for k, v in other.items()}, str(tmp_path / learned.file))
+    with pytest.raises(DataError, match=f"{learned.file} does not match the sha256"):
+        load_triggers(tmp_path, digest)
+
+    # an index that differs from the registered one, or is gone, is refused as well;
+    # without a registered digest (round 0, older rounds) a missing index means none
+    save_triggers(tmp_path, [LearnedTrigger(gen, 1, None)])
+    (tmp_path / INDEX).write_text(
+        (tmp_path / INDEX).read_text().replace('"round": 1', '"round": 7')
+    )
+    with pytest.raises(DataError, match=f"{INDEX} does not match the sha256"):
+        load_triggers(tmp_path, digest)
+    (tmp_path / INDEX).unlink()
+    with pytest.raises(DataError, match="cannot be read"):
+        load_triggers(tmp_path, digest)
+    assert load_triggers(tmp_path) == []
 
 
 def test_a_stamp_only_trigger_round_trips_and_an_empty_entry_is_refused(tmp_path: Path) -> None:
-    import json
-
-    from trainer.cyclegan.files import INDEX, LearnedTrigger, save_triggers
+    from trainer.cyclegan.files import LearnedTrigger, save_triggers
 
     region = np.zeros(SHAPE[:2], dtype=bool)
     region[-4:, -4:] = True

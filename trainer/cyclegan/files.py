@@ -9,7 +9,10 @@ with: its own and the ones it inherited, each with the stamps its quarantine car
 (``trainer.stamps``: region and carriers), so a later round replays the attacker's own patch
 and not only gen_ab's imitation of it. A stamped trigger's round trains no CycleGAN for it
 (``trainer.repair``), so its entry names stamps and no weights. Weights and stamps are
-safetensors and the index is JSON; nothing here unpickles.
+safetensors and the index is JSON; nothing here unpickles. The index holds each file's
+sha256, and ``save_triggers`` returns the index's own, which the round registers in the
+store, so a file altered on disk after its round is refused as bundles are
+(``core.bundle``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from safetensors.numpy import load_file as load_arrays
 from safetensors.numpy import save_file as save_arrays
 from safetensors.torch import load_file, save_file
 
+from core.bundle import file_sha256
 from core.errors import DataError
 from trainer.cyclegan.models import ResnetGenerator
 from trainer.stamps import Stamp
@@ -63,8 +67,9 @@ class LearnedTrigger:
         return f"round {self.round}{label}"
 
 
-def save_triggers(directory: Path, triggers: list[LearnedTrigger]) -> None:
-    """Write each generator's weights and the index that says how to rebuild it."""
+def save_triggers(directory: Path, triggers: list[LearnedTrigger]) -> str:
+    """Write each generator's weights and stamps, and the index that says how to rebuild
+    them with each file's sha256; returns the index's sha256."""
     for t in triggers:  # checked before anything is written
         if t.gen is None and not t.stamps:
             raise ValueError(f"learned trigger {t.name} has neither a generator nor stamps")
@@ -89,28 +94,44 @@ def save_triggers(directory: Path, triggers: list[LearnedTrigger]) -> None:
                 "ngf": None if gen is None else gen.ngf,
                 "n_blocks": None if gen is None else gen.n_blocks,
                 "stamps": t.stamps_file if t.stamps else None,
+                "sha256": None if gen is None else file_sha256(directory / t.file),
+                "stamps_sha256": file_sha256(directory / t.stamps_file) if t.stamps else None,
             }
         )
     (directory / INDEX).write_text(json.dumps({"triggers": entries}, indent=2) + "\n")
+    return file_sha256(directory / INDEX)
 
 
-def load_triggers(directory: Path) -> list[LearnedTrigger]:
+def _checked(path: Path, sha256: str | None) -> Path:
+    """``path`` if its sha256 is the one recorded (None: written before digests were)."""
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise ValueError(f"{path.name} does not match the sha256 recorded for it: altered")
+    return path
+
+
+def load_triggers(directory: Path, index_sha256: str | None = None) -> list[LearnedTrigger]:
     """The generators a round directory lists; [] when it lists none (round 0, or a round
-    written before rounds kept their triggers). A damaged file raises DataError."""
+    written before rounds kept their triggers). ``index_sha256``, the digest the store
+    registered for the round, is checked when given, and every file against the digest the
+    index records. A damaged or altered file raises DataError."""
     index = directory / INDEX
-    if not index.exists():
+    if not index.exists() and index_sha256 is None:
         return []
     try:
-        entries: list[dict[str, Any]] = json.loads(index.read_text())["triggers"]
+        text = _checked(index, index_sha256).read_text()
+        entries: list[dict[str, Any]] = json.loads(text)["triggers"]
         triggers = []
         for e in entries:
             gen = None
             if e["file"] is not None:
                 gen = ResnetGenerator(int(e["channels"]), int(e["ngf"]), int(e["n_blocks"]))
-                gen.load_state_dict(load_file(str(directory / e["file"])))
+                path = _checked(directory / e["file"], e.get("sha256"))
+                gen.load_state_dict(load_file(str(path)))
                 gen.eval()
             label = None if e["suspect_label"] is None else int(e["suspect_label"])
-            stamps = _load_stamps(directory / e["stamps"]) if e.get("stamps") else []
+            stamps = []
+            if e.get("stamps"):
+                stamps = _load_stamps(_checked(directory / e["stamps"], e.get("stamps_sha256")))
             if gen is None and not stamps:
                 raise ValueError(f"entry {e} names neither a generator file nor stamps")
             triggers.append(LearnedTrigger(gen, int(e["round"]), label, stamps))
