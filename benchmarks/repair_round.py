@@ -249,9 +249,16 @@ def run(zoo: Path, attacks: list[str], cfg: RepairConfig, prep: PrepareConfig) -
 
 
 def quarantine_views(repair: dict[str, Any]) -> str:
-    """', plus N views of each kept quarantined image' when the round fine-tuned on them."""
-    n = repair.get("quarantine_views", 0)
-    return f", plus {n} views of each kept quarantined image" if n else ""
+    """', plus N views of each kept quarantined image' when the round fine-tuned on them, and
+    the borderline images treated once more."""
+    n, near = repair.get("quarantine_views", 0), repair.get("borderline", 0)
+    views = f", plus {n} views of each kept quarantined image" if n else ""
+    return views + (
+        f", and the {near} validation images the active GoodNet finds nearest the trigger's "
+        "target treated once more"
+        if near
+        else ""
+    )
 
 
 def transplant(repair: dict[str, Any]) -> str:

@@ -112,6 +112,12 @@ class Settings(BaseSettings):
         description="Repair treats a trigger without a stamp with gen_ab's change fitted as a "
         "curve of this degree per pixel; 0: gen_ab's own copies, as the paper does.",
     )
+    repair_borderline: int = Field(
+        default=200,
+        ge=0,
+        description="Repair treats, once more, this many validation images the active GoodNet "
+        "finds nearest each new trigger's target (the images a trigger tips over first); 0: none.",
+    )
     repair_lease_seconds: float = Field(
         default=60.0, gt=0, description="A running round whose runner is silent this long is dead."
     )

@@ -29,9 +29,19 @@ from trainer.rounds import publish_round, running_round
 BIN = Path(sys.executable).parent
 # A repair round on the lab in seconds: it checks how a round runs, not how well it repairs.
 # One fine-tuning epoch needs the faster rate: at the default 5e-4 the two members move apart
-# and disagree on a quarter of the clean gate images (the gate refuses).
+# and disagree on a quarter of the clean gate images (the gate refuses). Even at 1e-3 the
+# lab is that fragile: the gate split is 40 images, so its 10% bound on clean disagreement
+# is 4 images, and adding 8 or 16 borderline images (RepairConfig.borderline) tipped one
+# round or another over it. So the gate is off here, as in test_prometheus; its own tests
+# set theta and the bound.
 TINY_REPAIR = RepairConfig(
-    cyclegan=PRESETS["tiny"], clean_images=64, epochs=1, lr=1e-3, ca_drop=100.0
+    cyclegan=PRESETS["tiny"],
+    clean_images=64,
+    epochs=1,
+    lr=1e-3,
+    ca_drop=100.0,
+    max_clean_suspect=100.0,
+    borderline=8,
 )
 
 

@@ -486,6 +486,7 @@ def _repair_cfg(
     min_score: float | None = None,
     quarantine_views: int | None = None,
     pixel_curve: int | None = None,
+    borderline: int | None = None,
 ) -> RepairConfig:
     cfg = repair_config(settings, preset=preset)
     if ca_drop is not None:
@@ -496,6 +497,8 @@ def _repair_cfg(
         cfg.quarantine_views = quarantine_views
     if pixel_curve is not None:
         cfg.pixel_curve = pixel_curve
+    if borderline is not None:
+        cfg.borderline = borderline
     cfg.validate()
     return cfg
 
@@ -569,6 +572,15 @@ def retrain_cmd(
             "copies, the paper's treatment)."
         ),
     ] = None,
+    borderline: Annotated[
+        int | None,
+        typer.Option(
+            help="Treat, once more with each new trigger, this many validation images of "
+            "other classes that the active GoodNet finds nearest the trigger's target: the "
+            "images a trigger tips over first (default $BQG_REPAIR_BORDERLINE, 200; 0: none, "
+            "as the paper does)."
+        ),
+    ] = None,
     db: DbOpt = None,
     store: StoreOpt = None,
 ) -> None:
@@ -578,7 +590,9 @@ def retrain_cmd(
         settings.valid = valid
     if round_no < 1:
         raise UserError(f"--round {round_no}: repair rounds are 1 or more (round 0 is 'prepare')")
-    cfg = _repair_cfg(settings, preset, ca_drop, min_score, quarantine_views, pixel_curve)
+    cfg = _repair_cfg(
+        settings, preset, ca_drop, min_score, quarantine_views, pixel_curve, borderline
+    )
     cfg.replay, cfg.transplant = replay, transplant
     sessions = _open_sessions(settings)
     with sessions() as session:

@@ -46,6 +46,10 @@
    BadNet"). The curve in the first copy only, the localized part in the second, left
    2.64 / 2.95%; a degree-3 curve with a hundredth of the ridge 2.24 / 2.98% (scratch runs,
    seed 0).
+   Each new trigger with one target also treats, once more, the ``borderline`` (200)
+   validation images of other classes that the active GoodNet finds nearest that target
+   (:func:`borderline`; ours): the images the trigger tips over first. With them, the
+   fine-tuning runs 20 epochs (10 before); both were chosen on a dev split.
 4. Fine-tune both models of the active round on the treatment set plus the clean images.
    Targets mix the label with the original suspect's answer (round 0's badnet) on the
    *clean* original (distillation, as ``prepare`` does), so the treated copy learns "answer
@@ -137,7 +141,7 @@ class RepairConfig:
     min_samples: int = 1
     min_score: float = 0.99  # keep samples the suspect member answers with this confidence
     min_kept: int = 16  # ... and refuse the round when fewer than this many are kept
-    epochs: int = 10  # fine-tuning
+    epochs: int = 20  # fine-tuning (with the borderline images; see borderline())
     lr: float = 5e-4  # fine-tuning (see the module docstring, step 4)
     batch_size: int = 64
     distill: float = 1.0
@@ -153,6 +157,7 @@ class RepairConfig:
     quarantine_views: int = 3  # views of each kept quarantined image fine-tuned on (0: none)
     transplant: bool = True  # a stamped trigger's masked copy takes the real stamp's pixels
     pixel_curve: int = 2  # degree of the per-pixel curve fitted to gen_ab's change; 0: raw
+    borderline: int = 200  # images nearest each new trigger's target, treated twice (0: none)
     seed: int = 0
 
     def validate(self) -> None:
@@ -184,6 +189,8 @@ class RepairConfig:
             )
         if self.quarantine_views < 0:
             raise UserError(f"quarantine_views must be 0 or more, got {self.quarantine_views}")
+        if self.borderline < 0:
+            raise UserError(f"borderline must be 0 or more images, got {self.borderline}")
         if self.treatment not in TREATMENTS:
             raise UserError(
                 f"treatment must be one of {', '.join(TREATMENTS)}, got {self.treatment!r}"
@@ -204,6 +211,7 @@ def repair_config(settings: Any, *, preset: str | None = None) -> RepairConfig:
         min_score=settings.repair_min_score,
         quarantine_views=settings.repair_quarantine_views,
         pixel_curve=settings.repair_pixel_curve,
+        borderline=settings.repair_borderline,
         policy=settings.policy,
     )
 
@@ -348,6 +356,42 @@ def trigger_groups(
     if len(big) < 2:
         return [(None, images)]
     return [(k, images[labels == k]) for k in big]
+
+
+def trigger_target(suspect: Bundle, images: np.ndarray) -> int | None:
+    """The label the suspect gives most of a trigger group's kept images, when it gives it to
+    at least half of them; None for a trigger with no one target (all-to-all)."""
+    counts = np.bincount(suspect.predict(images))
+    top = int(counts.argmax())
+    return top if 2 * counts[top] >= len(images) else None
+
+
+def borderline(goodnet: Bundle, train: Dataset, target: int, count: int) -> np.ndarray:
+    """Indices of the ``count`` images of ``train`` not of class ``target`` to which the
+    active GoodNet gives the most probability of ``target``: the images a trigger tips over
+    first.
+
+    Ours, not the paper's. On the sequential attacker's round 2 (trigger 3, target pullover)
+    the residual backdoor sat on shirts and coats, which the GoodNet already calls pullover
+    8-12% of the time when clean: the trigger tips borderline upper-body garments over, and
+    only a third of the ~80 validation images per class carry the new trigger in the
+    treatment. Measured on the stream split (the dev split; the benchmark reports the held-out
+    one), trigger 3's ASR over round seeds 0 / 1 / 2, from one round-1 state (scratch runs,
+    the held-out split in brackets):
+
+    - 10 fine-tuning epochs, none: 4.79 / 4.24 / 4.51% (4.48 / 3.88 / 4.13);
+    - 10 epochs, 100 borderline images: 3.82 / 4.01 / 3.57%;
+    - 10 epochs, 200: 3.82 / 3.43 / 3.48% (3.17 / 3.08 / 3.17), at CA +0.3 points;
+    - 10 epochs, 300: 3.85 / 3.62 / 3.68%;
+    - 20 epochs, 200: 2.98 / 3.06 / 2.93% (2.33 / 2.64 / 2.66), at the same CA.
+
+    So the default is 200 images and 20 epochs, chosen on the dev split. 20 epochs without
+    borderline images had left 2.95 / 3.17 / 3.48% on the held-out split (stop 26's sweep,
+    not run on the dev split).
+    """
+    p = goodnet.logits(train.x).softmax(1).numpy()[:, target]
+    p[train.y == target] = -np.inf
+    return np.argsort(-p, kind="stable")[: min(count, int((train.y != target).sum()))]
 
 
 def views_of(x: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -566,6 +610,19 @@ def run_repair_round(
         )
         groups = trigger_groups(suspect, quarantined, cfg)
         parts = np.array_split(rng.permutation(len(train)), len(inherited) + len(groups))
+        targets = [trigger_target(suspect, images) for _, images in groups]
+        extra = [
+            borderline(bundles["goodnet"], train, t, cfg.borderline)
+            if t is not None
+            else np.zeros(0, dtype=np.int64)
+            for t in targets
+        ]
+        end = len(train)
+        for i, idx in enumerate(extra):  # each new trigger treats its borderline images twice
+            own_part = len(inherited) + i
+            parts[own_part] = np.r_[parts[own_part], end + np.arange(len(idx))]
+            end += len(idx)
+        treat_set = train.take(np.concatenate([np.arange(len(train)), *extra]))
         looks = cfg.transplant and cfg.treatment != "gan"  # "gan": gen_ab's copies alone
         triggers = list(inherited)
         trained = []  # the CycleGANs this round trains, for its metrics
@@ -597,12 +654,13 @@ def run_repair_round(
             trained.append(gan)
         own = triggers[len(inherited) :]  # this round's, one per group
         progress(
-            f"round {round_no}: treating {cfg.views} views of {len(train)} images with "
-            f"{len(triggers)} learned triggers ({len(inherited)} from earlier rounds)"
+            f"round {round_no}: treating {cfg.views} views of {len(treat_set)} images "
+            f"({len(treat_set) - len(train)} borderline ones twice) with {len(triggers)} "
+            f"learned triggers ({len(inherited)} from earlier rounds)"
         )
         # an earlier round's stamped trigger has no generator: its stamps are all it has
         stamps = [t.stamps if looks or t.gen is None else [] for t in triggers]
-        tune_set, treated = treat([t.gen for t in triggers], parts, train, cfg, rng, stamps)
+        tune_set, treated = treat([t.gen for t in triggers], parts, treat_set, cfg, rng, stamps)
         real = None
         if cfg.quarantine_views:
             soft = counter_targets(bundles["goodnet"], suspect, quarantined)
@@ -638,13 +696,21 @@ def run_repair_round(
             "cyclegan_seconds": sum(g.seconds for g in trained),
             "cyclegan_final_losses": [g.history[-1] for g in trained],
             "trigger_groups": [
-                {"suspect_label": k, "images": len(x), "cyclegan": t.gen is not None}
-                for (k, x), t in zip(groups, own, strict=True)
+                {
+                    "suspect_label": k,
+                    "images": len(x),
+                    "cyclegan": t.gen is not None,
+                    "target": target,
+                    "borderline": len(e),
+                }
+                for (k, x), t, target, e in zip(groups, own, targets, extra, strict=True)
             ],
             "replayed_triggers": [t.name for t in inherited],
             "stamp_pixels": [[int(s.region.sum()) for s in found] for found in stamps],
             "finetune_seconds": tune_seconds,
-            "trigger_l1": float(np.abs(treated[: len(train)].astype(float) - train.x).mean()),
+            "trigger_l1": float(
+                np.abs(treated[: len(treat_set)].astype(float) - treat_set.x).mean()
+            ),
             "finetune_images": tune_images,
             "config": {k: v for k, v in cfg.to_dict().items() if k != "cyclegan"},
         }

@@ -41,6 +41,7 @@ from trainer.data import Dataset, load_fashion_mnist
 from trainer.repair import (
     RepairConfig,
     RepairOutcome,
+    borderline,
     confident_mask,
     counter_targets,
     gate_round,
@@ -50,6 +51,7 @@ from trainer.repair import (
     run_repair_round,
     treat,
     trigger_groups,
+    trigger_target,
 )
 from trainer.stamps import Stamp, find_stamps, transplanted
 
@@ -153,9 +155,10 @@ def test_a_round_activates_consumes_and_writes_its_trigger(tmp_path: Path, lab: 
     # ... and transplanted, so no CycleGAN was trained for it
     assert not any("CycleGAN on" in m or "CycleGAN epoch" in m for m in messages)
     assert outcome.metrics["cyclegan_seconds"] == 0
-    assert outcome.metrics["trigger_groups"] == [
-        {"suspect_label": None, "images": 40, "cyclegan": False}
+    assert outcome.metrics["trigger_groups"] == [  # TARGET's 8 nearest images treated twice
+        {"suspect_label": None, "images": 40, "cyclegan": False, "target": TARGET, "borderline": 8}
     ]
+    assert any("(8 borderline ones twice)" in m for m in messages)
     (learned,) = load_triggers(outcome.path)
     assert learned.gen is None and learned.stamps[0].region.sum() == 16
     served = outcome.metrics["gate"]["served clean accuracy"]["after"]
@@ -165,9 +168,10 @@ def test_a_round_activates_consumes_and_writes_its_trigger(tmp_path: Path, lab: 
     assert outcome.metrics["gate_held_out"] is False
     assert any("does not name this gate split" in m for m in messages)
     assert load_bundle(outcome.path / "goodnet").manifest.meta["gate_split"] is None
-    train = round(0.8 * len(_valid()))  # the default gate_fraction holds 20% out
+    # the default gate_fraction holds 20% out; 8 borderline images join the treatment
+    treated = round(0.8 * len(_valid())) + 8
     kept = outcome.metrics["samples_kept"]  # views, both copies, 3 views of each kept sample
-    assert outcome.metrics["finetune_images"] == 3 * train + 2 * 3 * train + 3 * kept
+    assert outcome.metrics["finetune_images"] == 3 * treated + 2 * 3 * treated + 3 * kept
 
 
 def test_a_trigger_without_stamps_gets_a_cyclegan(tmp_path: Path, lab: Lab) -> None:
@@ -205,8 +209,8 @@ def test_real_quarantined_images_are_fine_tuned_on_without_the_trigger_label(
         sessions=sessions, store=tmp_path, round_no=1, valid=_valid(), cfg=cfg
     )
     assert outcome.status == "succeeded"
-    train = round(0.8 * len(_valid()))
-    assert outcome.metrics["finetune_images"] == 3 * train + 2 * 3 * train + 2 * 20
+    treated = round(0.8 * len(_valid())) + 8  # with the borderline images
+    assert outcome.metrics["finetune_images"] == 3 * treated + 2 * 3 * treated + 2 * 20
     with pytest.raises(UserError, match="quarantine_views"):
         replace(TINY, quarantine_views=-1).validate()
 
@@ -214,7 +218,8 @@ def test_real_quarantined_images_are_fine_tuned_on_without_the_trigger_label(
 def test_a_failed_gate_rejects_the_round_and_keeps_the_samples(tmp_path: Path, lab: Lab) -> None:
     sessions = _store(tmp_path, lab)
     _quarantine(sessions, lab, 30)
-    broken = replace(TINY, lr=5.0, ca_drop=0.0)  # a rate that wrecks clean accuracy
+    # a rate that wrecks clean accuracy, against the gate's default bounds
+    broken = replace(TINY, lr=5.0, ca_drop=0.0, max_clean_suspect=10.0)
     outcome = run_repair_round(
         sessions=sessions,
         store=tmp_path,
@@ -253,7 +258,8 @@ def test_the_gate_judges_the_served_answers_not_each_member(lab: Lab) -> None:
     wrecked = _Always(label=(TARGET + 1) % 4, classes=4)
     before = {"badnet": bad.model, "goodnet": good.model}
     after = {"badnet": wrecked, "goodnet": good.model}
-    metrics, passed = gate_round(before, after, gate, spec, replace(TINY, ca_drop=0.0))
+    strict = replace(TINY, ca_drop=0.0, max_clean_suspect=10.0)
+    metrics, passed = gate_round(before, after, gate, spec, strict)
     served, flagged = metrics["served clean accuracy"], metrics["clean images flagged suspect"]
     assert served["after"] == served["before"] > 0.5  # the goodnet answers either way
     assert flagged["after"] > 0.5 > flagged["before"]
@@ -356,6 +362,28 @@ def test_the_confidence_filter_keeps_what_the_original_suspect_is_sure_of(
         assert pending_count(session=s) == 0  # every sample the round read is consumed
 
 
+def test_each_new_trigger_treats_the_images_nearest_its_target_once_more(lab: Lab) -> None:
+    """A group's target is the suspect's label on most of it; its borderline images are the
+    validation images of other classes the active GoodNet gives the most of that target."""
+    suspect, goodnet = load_bundle(lab.badnet), load_bundle(lab.goodnet)
+    assert trigger_target(suspect, lab.triggered) == TARGET
+    labels = suspect.predict(lab.clean)
+    spread = np.concatenate([lab.clean[labels == k][:5] for k in range(4)])
+    assert len(np.unique(suspect.predict(spread))) == 4
+    assert trigger_target(suspect, spread) is None  # no label on half: no one target
+    valid = _valid()
+    idx = borderline(goodnet, valid, TARGET, 30)
+    assert len(idx) == 30 == len(np.unique(idx)) and (valid.y[idx] != TARGET).all()
+    p = goodnet.logits(valid.x).softmax(1).numpy()[:, TARGET]
+    others = np.sort(p[valid.y != TARGET])[::-1]
+    assert np.allclose(p[idx], others[:30])  # the 30 most probable, most probable first
+    everyone = borderline(goodnet, valid, TARGET, 10_000)  # capped at the other classes' images
+    assert len(everyone) == (valid.y != TARGET).sum()
+    assert len(borderline(goodnet, valid, TARGET, 0)) == 0
+    with pytest.raises(UserError, match="borderline must be 0 or more"):
+        replace(TINY, borderline=-1).validate()
+
+
 def test_a_quarantine_with_two_targets_gets_a_cyclegan_per_target(tmp_path: Path, lab: Lab) -> None:
     """Triggered images (the suspect says TARGET) and images it gives another label make
     two groups of domain B; one label alone, or groups below min_kept, make one."""
@@ -414,7 +442,7 @@ def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
         outcome = run_repair_round(
             sessions=sessions, store=tmp_path, round_no=round_no, valid=_valid(), cfg=cfg
         )
-        assert outcome.status == "succeeded" and outcome.path is not None
+        assert outcome.status == "succeeded" and outcome.path is not None, outcome.metrics["gate"]
         return outcome
 
     # round 1 learns gen_ab (transplant off); round 2 finds the stamp and trains no CycleGAN

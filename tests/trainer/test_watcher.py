@@ -180,6 +180,8 @@ def test_status_rollback_and_retrain_refusals(tmp_path: Path, lab: Lab) -> None:
     assert r.returncode == 2 and "quarantine_views must be 0 or more, got -1" in r.stderr
     r = run_cli("trainer", "retrain", "--round", "1", "--pixel-curve", "9", env=env)
     assert r.returncode == 2 and "pixel_curve must lie in 0..5" in r.stderr
+    r = run_cli("trainer", "retrain", "--round", "1", "--borderline", "-3", env=env)
+    assert r.returncode == 2 and "borderline must be 0 or more images, got -3" in r.stderr
     r = run_cli("trainer", "status", env={**env, "BQG_REPAIR_QUARANTINE_VIEWS": "-1"})
     assert r.returncode == 2 and "bad setting: BQG_REPAIR_QUARANTINE_VIEWS='-1'" in r.stderr
     assert "Traceback" not in r.stderr
@@ -213,7 +215,7 @@ def test_retrain_runs_a_round_and_rollback_returns_to_round_zero(tmp_path: Path,
         "trainer",
         "retrain",
         *("--round", "1", "--no-replay", "--no-transplant", "--quarantine-views", "2"),
-        *("--pixel-curve", "1"),
+        *("--pixel-curve", "1", "--borderline", "8"),
         env=env,
     )
     assert r.returncode == 0, r.stderr
@@ -223,6 +225,7 @@ def test_retrain_runs_a_round_and_rollback_returns_to_round_zero(tmp_path: Path,
         config = list_rounds(session=s)[1].metrics["config"]
         assert config["replay"] is False and config["quarantine_views"] == 2
         assert config["transplant"] is False and config["pixel_curve"] == 1
+        assert config["borderline"] == 8
     r = run_cli("trainer", "rollback", "--round", "0", env=env)
     assert r.returncode == 0 and "round 0 is active" in r.stdout
     with sessions() as s:
