@@ -249,14 +249,18 @@ def run(zoo: Path, attacks: list[str], cfg: RepairConfig, prep: PrepareConfig) -
 
 
 def quarantine_views(repair: dict[str, Any]) -> str:
-    """', plus N views of each kept quarantined image' when the round fine-tuned on them, and
-    the borderline images treated once more."""
-    n, near = repair.get("quarantine_views", 0), repair.get("borderline", 0)
-    views = f", plus {n} views of each kept quarantined image" if n else ""
-    return views + (
-        f", and the {near} validation images the active GoodNet finds nearest the trigger's "
+    """', plus N views of each kept quarantined image' when the round fine-tuned on them."""
+    n = repair.get("quarantine_views", 0)
+    return f", plus {n} views of each kept quarantined image" if n else ""
+
+
+def borderline(repair: dict[str, Any]) -> str:
+    """', and the N validation images ... treated once more' when the round did so."""
+    n = repair.get("borderline", 0)
+    return (
+        f", and the {n} validation images the active GoodNet finds nearest the trigger's "
         "target treated once more"
-        if near
+        if n
         else ""
     )
 
@@ -319,7 +323,7 @@ def render(data: dict[str, Any]) -> str:
         f"residual block{'s' if g['n_blocks'] != 1 else ''}, {g['epochs']} epochs, batch {g['batch_size']}, and {data['repair']['epochs']} fine-tuning epochs at lr {data['repair']['lr']:g} "
         f"on {data['repair'].get('views', 1)} views of each clean image with treatment "
         f"`{data['repair'].get('treatment', 'gan')}`"
-        f"{quarantine_views(data['repair'])}; "
+        f"{quarantine_views(data['repair'])}{borderline(data['repair'])}; "
         f"it learns from the quarantined images the suspect answers with confidence >= {data['repair']['min_score']:g} "
         f"(kept).{transplant(data['repair'])}{held_out(data['rows'])} "
         "CA and ASR on the 5,000-image held-out split. The gateway answers with the GoodNet's label whenever the models "
