@@ -52,10 +52,15 @@ class Settings(BaseSettings):
         ),
     )
 
-    # --- the gateway -------------------------------------------------------------------
-    policy: str = Field(
-        default="goodnet", description="Ensemble policy: goodnet (NNoculation) or reject (BBD)."
+    defense_modules: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Python modules imported at start-up that register more defenses "
+            "(core.defenses.register_defense); opt-in, as a round's manifest may name them."
+        ),
     )
+
+    # --- the gateway -------------------------------------------------------------------
     admin_token: str | None = Field(
         default=None,
         description="Bearer token for POST /admin/activate; unset disables the admin API.",
@@ -87,36 +92,10 @@ class Settings(BaseSettings):
     repair_gpus: float | None = Field(
         default=None, ge=0, description="GPUs for the repair task; default: 1 if Ray has one."
     )
-    repair_preset: str = Field(
-        default="fast",
-        description="CycleGAN size preset for repair rounds: fast (the default), compact, "
-        "small, tiny (smoke tests) or paper.",
-    )
-    repair_min_score: float = Field(
-        default=0.99,
-        ge=0,
-        lt=1,
-        description="Repair learns from quarantined images the suspect answers with at least "
-        "this confidence (0: every sample, the paper's rule).",
-    )
-    repair_quarantine_views: int = Field(
-        default=3,
-        ge=0,
-        description="Repair also fine-tunes on this many views of each kept quarantined image "
-        "(itself, then mirrored and shifted copies), never with the trigger's label; 0: none.",
-    )
-    repair_pixel_curve: int = Field(
-        default=2,
-        ge=0,
-        le=5,
-        description="Repair treats a trigger without a stamp with gen_ab's change fitted as a "
-        "curve of this degree per pixel; 0: gen_ab's own copies, as the paper does.",
-    )
-    repair_borderline: int = Field(
-        default=200,
-        ge=0,
-        description="Repair treats, once more, this many validation images the active GoodNet "
-        "finds nearest each new trigger's target (the images a trigger tips over first); 0: none.",
+    repair_config: Path | None = Field(
+        default=None,
+        description="A JSON file of repair-round fields (trainer.repair.config.RepairConfig, "
+        "'preset' naming the CycleGAN size) for the watcher's rounds; unset: the defaults.",
     )
     repair_lease_seconds: float = Field(
         default=60.0, gt=0, description="A running round whose runner is silent this long is dead."
@@ -137,6 +116,12 @@ class Settings(BaseSettings):
 def load_settings(**overrides: Any) -> Settings:
     """The settings from the environment and ``overrides``. A bad value is a ``UserError``
     that names the variable to fix (``BQG_<FIELD>``), not pydantic's traceback."""
+    if "BQG_POLICY" in os.environ:
+        raise UserError(
+            "BQG_POLICY is gone: each round's manifest names its defense, and the gateway "
+            "serves the active round's; unset it and pick one with 'trainer prepare --defense' "
+            "(nnoculation-reject is the old reject policy)"
+        )
     try:
         return Settings(**overrides)
     except ValidationError as exc:

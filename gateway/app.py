@@ -4,9 +4,11 @@
                        --handle--> Ensemble (both models, @serve.batch; quarantine writer;
                                              follows the store's active round)
 
-One ensemble deployment holds both models: a batch runs the BadNet and the GoodNet back to
-back in one process, with no second hop (benchmarks/gateway_load.py measures it against a
-single-model app with the same ingress).
+The active round's manifest names its defense, whose policy decides each answer
+(``core.defenses``), so a swap may change the defense. One ensemble deployment holds both
+models: a batch runs the BadNet and the GoodNet back to back in one process, with no second
+hop (benchmarks/gateway_load.py measures it against a single-model app with the same
+ingress).
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from ray import serve
 from ray.serve import Application
 
 from core.db import make_engine, session_factory
+from core.defenses import decide_batch, load_defense_modules
 from core.errors import ImageError
 from core.images import check_shape
+from core.pair import ModelPair
 from core.quarantine import NewSample
 from gateway.config import GatewayArgs
-from gateway.ensemble import ModelPair, decide_batch, make_policy
 from gateway.follower import RoundFollower
 from gateway.ingress import Ingress
 from gateway.metrics import EnsembleMetrics
@@ -68,7 +71,7 @@ class Ensemble:
         settings = args.settings()
         torch.set_num_threads(args.threads_per_replica)
         self.single_model = args.single_model
-        self.policy = make_policy(settings.policy)
+        load_defense_modules(settings.defense_modules)
         self.metrics = EnsembleMetrics()
         self.batch_sizes: Counter[int] = Counter()
         engine_url = settings.db_url
@@ -128,7 +131,8 @@ class Ensemble:
                     "round": pair.round,
                 }
         else:
-            decisions = decide_batch(pair, batch, self.policy)
+            assert pair.policy is not None  # the follower resolves it before the swap
+            decisions = decide_batch(pair, batch, pair.policy)
             for i, d in zip(good, decisions, strict=True):
                 out[i] = {
                     "label": d.label,
@@ -146,7 +150,7 @@ class Ensemble:
                             badnet_score=d.badnet_score,
                             goodnet_score=d.goodnet_score,
                             served_round=d.round,
-                            detector=self.policy.name,
+                            detector=pair.policy.name,
                         )
                     )
             suspects = sum(d.suspect for d in decisions)
@@ -158,7 +162,6 @@ class Ensemble:
     def info(self) -> dict[str, Any]:
         pair = self.follower.pair
         base: dict[str, Any] = {
-            "policy": "single-model" if self.single_model else self.policy.name,
             "database_up": self.writer.database_up,
             "spool_depth": self.writer.spool.depth(),
             "batch_sizes": dict(self.batch_sizes),
@@ -166,11 +169,14 @@ class Ensemble:
             "last_swap_failure": self.follower.last_failure,
         }
         if pair is None:
-            return {**base, "round": None}
+            return {**base, "round": None, "policy": None, "defense": None}
         spec = pair.badnet.manifest.input
+        policy = pair.policy.name if pair.policy is not None else None
         return {
             **base,
             "round": pair.round,
+            "defense": pair.defense.name,
+            "policy": "single-model" if self.single_model else policy,
             "hashes": pair.hashes(),
             "input": {"height": spec.height, "width": spec.width, "channels": spec.channels},
             "class_names": pair.class_names,

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from core.settings import Settings, load_settings
 
 
 class GatewayArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt arg is an error, not ignored
+
     db: str | None = Field(default=None, description="Database URL; default from settings.")
     store: str | None = Field(default=None, description="Store directory; default from settings.")
-    policy: str | None = None
     admin_token: str | None = None
     model_name: str | None = None
     max_body_bytes: int | None = Field(default=None, ge=1024)
@@ -24,6 +25,9 @@ class GatewayArgs(BaseModel):
     batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=1)
     ensemble_replicas: int = Field(default=1, ge=1)
     threads_per_replica: int = Field(default=1, ge=1)
+    defense_modules: list[str] | None = Field(
+        default=None, description="Modules that register more defenses; default from settings."
+    )
     single_model: bool = Field(
         default=False, description="Benchmark baseline: serve the goodnet alone."
     )
@@ -35,11 +39,11 @@ class GatewayArgs(BaseModel):
             for k, v in {
                 "db": self.db,
                 "store": self.store,
-                "policy": self.policy,
                 "admin_token": self.admin_token,
                 "model_name": self.model_name,
                 "max_body_bytes": self.max_body_bytes,
                 "poll_seconds": self.poll_seconds,
+                "defense_modules": self.defense_modules,
             }.items()
             if v is not None
         }

@@ -4,7 +4,7 @@ The store is the source of truth for which models serve (DESIGN.md). A backgroun
 reads the pointer every ``poll_seconds``; when it names another round, the thread loads
 both bundles off the request path, checks each one's weights against the sha256 the
 store registered for it (and the bundle's own manifest, which ``load_bundle`` checks),
-and only then replaces the pair in one reference assignment. A request reads
+and only then replaces the pair in one reference assignment (:func:`core.pair.load_pair`). A request reads
 ``follower.pair`` once, so it never sees a mixed pair. A round that fails to load leaves
 the old pair serving; the failure is logged and counted, and retried after a back-off.
 """
@@ -14,54 +14,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.bundle import load_bundle
+from core.defenses import with_policy
 from core.errors import UserError
-from core.quarantine import ActiveInfo, active_round, pending_count, round_models
-from core.schema import ModelVersion
-from gateway.ensemble import ModelPair
+from core.pair import ModelPair, load_pair
+from core.quarantine import active_round, pending_count
 
 log = logging.getLogger(__name__)
-
-
-class SwapError(UserError):
-    """A round's bundles could not be loaded or did not match the store."""
-
-
-def load_pair(info: ActiveInfo, *, trusted_modules: Sequence[str] = ()) -> ModelPair:
-    """The pair of the round ``info`` describes, each bundle verified against the store."""
-    return _verified_pair(info.round, info.models, trusted_modules)
-
-
-def load_round_pair(
-    session: Session, round_no: int, *, trusted_modules: Sequence[str] = ()
-) -> ModelPair:
-    """The registered pair of any round, active or not, verified like :func:`load_pair`."""
-    models = {m.role: m for m in round_models(session=session, round_no=round_no)}
-    return _verified_pair(round_no, models, trusted_modules)
-
-
-def _verified_pair(
-    round_no: int, models: Mapping[str, ModelVersion], trusted_modules: Sequence[str]
-) -> ModelPair:
-    bundles = {}
-    for role in ("badnet", "goodnet"):
-        model = models.get(role)
-        if model is None:
-            raise SwapError(f"round {round_no} has no registered {role}")
-        bundle = load_bundle(Path(model.bundle_path), trusted_modules=trusted_modules)
-        if bundle.manifest.weights_sha256 != model.sha256:
-            raise SwapError(
-                f"round {round_no} {role}: bundle at {model.bundle_path} has sha256 "
-                f"{bundle.manifest.weights_sha256[:12]}, the store registered {model.sha256[:12]}"
-            )
-        bundles[role] = bundle
-    return ModelPair(round=round_no, badnet=bundles["badnet"], goodnet=bundles["goodnet"])
 
 
 class RoundFollower:
@@ -126,7 +89,7 @@ class RoundFollower:
         if failed_at is not None and time.monotonic() - failed_at < self.retry_failed_after:
             return False
         try:
-            pair = load_pair(info, trusted_modules=self.trusted_modules)
+            pair = with_policy(load_pair(info, trusted_modules=self.trusted_modules))
         except (UserError, OSError) as exc:
             self._failed[info.round] = time.monotonic()
             self.failures += 1
@@ -142,8 +105,9 @@ class RoundFollower:
         self.pair = pair  # the swap: one reference assignment
         self._failed.pop(pair.round, None)
         log.warning(
-            "now serving round %s (badnet %s, goodnet %s)",
+            "now serving round %s, defense %s (badnet %s, goodnet %s)",
             pair.round,
+            pair.defense.name,
             *(h[:12] for h in pair.hashes().values()),
         )
         self._on_swap(pair)

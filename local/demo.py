@@ -29,11 +29,12 @@ import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.defenses import decide_batch
+from core.defenses.nnoculation import GoodNetPolicy
 from core.errors import UserError
 from core.images import encode_png
+from core.pair import load_round_pair
 from core.quarantine import list_rounds, pending_count
-from gateway.ensemble import GoodNetPolicy, decide_batch
-from gateway.follower import load_round_pair
 
 STATUS_EVERY = 0.5
 

@@ -1,4 +1,4 @@
-"""``gateway``: start Ray, the Serve app (and, with its issue, the repair watcher), locally.
+"""``gateway``: start Ray, the Serve app and the repair watcher, locally (the composition).
 
 ``gateway serve`` migrates the embedded SQLite store, starts a local Ray with its metrics
 export port, deploys ``gateway.app:build_app`` with the args of ``--config`` (overridden
@@ -68,9 +68,6 @@ def serve_cmd(
     port: Annotated[
         int | None, typer.Option(help="HTTP port. Default: the config's, else 8000.")
     ] = None,
-    policy: Annotated[
-        str | None, typer.Option(help="goodnet (NNoculation) or reject (BBD).")
-    ] = None,
     dashboard: Annotated[
         bool, typer.Option(help="Start Ray's dashboard too (about 1 GB more memory).")
     ] = False,
@@ -83,11 +80,7 @@ def serve_cmd(
 ) -> None:
     """Start a local Ray, deploy the gateway, print its URLs, serve until Ctrl-C."""
     http, raw_args = read_config(config) if config.exists() else ({}, {})
-    overrides = {
-        k: v
-        for k, v in {"db": db, "store": str(store) if store else None, "policy": policy}.items()
-        if v
-    }
+    overrides = {k: v for k, v in {"db": db, "store": str(store) if store else None}.items() if v}
     try:
         args = GatewayArgs(**{**raw_args, **overrides})
     except ValueError as exc:
@@ -99,7 +92,9 @@ def serve_cmd(
     host = host or http.get("host") or settings.http_host
     port = port or http.get("port") or settings.http_port
     with local_gateway(args, settings, host, port, watch=watch, dashboard=dashboard):
-        typer.echo(f"gateway:  http://{host}:{port}  (OpenAPI at /docs, policy {settings.policy})")
+        typer.echo(
+            f"gateway:  http://{host}:{port}  (OpenAPI at /docs; it serves the active round's defense)"
+        )
         typer.echo(f"metrics:  http://127.0.0.1:{settings.metrics_port}/metrics")
         if watch:
             port_w = settings.watcher_metrics_port
@@ -240,16 +235,15 @@ def demo_cmd(
     from rich.table import Table
 
     from core.quarantine import active_round, list_rounds
-    from gateway.demo import attacker_stream, rates_by_stage, stream_until_swap
+    from local.demo import attacker_stream, rates_by_stage, stream_until_swap
     from trainer.data import load_fashion_mnist
-    from trainer.repair import repair_config
+    from trainer.repair import load_repair_config, with_preset
 
     env = load_settings()
     settings = env.model_copy(
         update={
             "store": store,
             "quarantine_threshold": threshold or env.quarantine_threshold,
-            "repair_preset": preset or env.repair_preset,
         }
     )
     if not (badnet / "bundle.json").exists():
@@ -266,7 +260,7 @@ def demo_cmd(
         load_fashion_mnist(settings.fashion_mnist_dir, "stream"), badnet, poison
     )
     heldout = load_fashion_mnist(settings.fashion_mnist_dir, "heldout")
-    cfg = repair_config(settings)
+    cfg = with_preset(load_repair_config(settings.repair_config), preset)
     host, port = settings.http_host, port or settings.http_port
     url = f"http://{host}:{port}"
     out, err = Console(), Console(stderr=True)

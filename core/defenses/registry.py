@@ -1,0 +1,83 @@
+"""The defense registry: each defense is a named stack that a round carries.
+
+A defense has up to three parts (DESIGN.md, "Defenses are named stacks"): a pre-deployment
+step that makes round 0 from the suspect and clean validation data, a per-request policy,
+and a repairer that makes round K+1 from round K and the quarantine. Only the policy runs
+in the gateway, so it is an object here; the other two are training code, which lives in
+``trainer`` and is named here by the key of ``trainer.defenses``' registries. Keys are
+short lowercase names, as BackdoorBox and TrojanZoo key theirs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from core.defenses.policy import Policy
+from core.errors import UserError
+from core.pair import ModelPair
+
+PolicyFactory = Callable[[Mapping[str, Any]], Policy]  # a policy class: fitted values -> policy
+NAME = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+@dataclass(frozen=True)
+class Defense:
+    """One registered stack."""
+
+    name: str
+    summary: str  # one line, shown by ``trainer defenses`` and /v1/models
+    policy: PolicyFactory
+    prepare: str | None = None  # a key of trainer.defenses.PREPARE_STEPS; None: the suspect
+    repair: str | None = None  # a key of trainer.defenses.REPAIRERS; None: no repair rounds
+
+
+_DEFENSES: dict[str, Defense] = {}
+
+
+def register_defense(defense: Defense) -> Defense:
+    """Add ``defense`` to the registry; a name is registered once."""
+    if not NAME.match(defense.name):
+        raise ValueError(f"defense name {defense.name!r} must be short, lowercase, with dashes")
+    if defense.name in _DEFENSES and _DEFENSES[defense.name] is not defense:
+        raise ValueError(f"a defense named {defense.name!r} is already registered")
+    _DEFENSES[defense.name] = defense
+    return defense
+
+
+def get_defense(name: str) -> Defense:
+    """The defense registered as ``name``; a clear error lists the known ones."""
+    try:
+        return _DEFENSES[name]
+    except KeyError:
+        raise UserError(
+            f"unknown defense {name!r}; registered: {', '.join(sorted(_DEFENSES))} "
+            "(defenses from other modules need BQG_DEFENSE_MODULES)"
+        ) from None
+
+
+def defense_names() -> list[str]:
+    return sorted(_DEFENSES)
+
+
+def load_defense_modules(modules: Sequence[str]) -> None:
+    """Import the operator's modules that register more defenses (``BQG_DEFENSE_MODULES``).
+
+    Opt-in, like ``BQG_TRUSTED_ARCH_MODULES``: a round's manifest comes from the store, and
+    only code the operator named is ever imported for it.
+    """
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise UserError(f"cannot import defense module {module!r}: {exc}") from None
+
+
+def with_policy(pair: ModelPair) -> ModelPair:
+    """``pair`` with the policy its round's defense names, built from the round's fitted
+    values; an unknown defense is a clear error, so the round does not serve."""
+    defense = get_defense(pair.defense.name)
+    return replace(pair, policy=defense.policy(pair.defense.params))
