@@ -1,4 +1,4 @@
-"""NNoculation's noise augmentation (003_a065321fd23236f4.txt, §3.2; the authors' augment.py).
+"""NNoculation's noise augmentation (Veldanda et al., AISec'21, §3.2; the authors' augment.py).
 
 A(D, eta, gamma): on a 4x4 grid upscaled to the image (7x7-pixel cells on 28x28), about
 gamma of the cells are replaced, per channel, with values drawn from Normal(128, 0.4*128)

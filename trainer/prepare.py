@@ -1,29 +1,22 @@
 """Pre-deployment defense: make the GoodNet by noise-augmented retraining (NNoculation stage 1).
 
-003_a065321fd23236f4.txt, §3.2 and §4.2.1: retrain the suspect model on the clean
+Veldanda et al., AISec'21, §3.2 and §4.2.1: retrain the suspect model on the clean
 validation data plus noisy copies (trainer/noise.py) at a high learning rate, over a grid
 of learning-rate multiples alpha and noise fractions gamma. Keep the candidates whose clean
 accuracy is within theta of the suspect's, then take the largest alpha, then the largest
 gamma (Table 2). The defender has only the suspect model and clean validation data; the
 functions here take nothing else, and never see a trigger or a poisoned sample.
 
-The repair rounds' gate (``trainer.repair``, step 5 of NNoculation's §3.3 loop as issue 6
-builds it) compares clean accuracy before and after a round on held-out validation data, so
-a part of the validation data, the gate split (``gate_split``), is reserved here: the
-GoodNet is refitted without it. When round 0's GoodNet was refitted on every image, it
-scored 90.55% on the blend BadNet's gate split against 89.04% on the test split, and round
-1's gate, comparing that with a round's honest score, allowed about half its theta. The
-selection still scores every image (its fold models are thrown away): reserving the split
-from it too left 800 images, whose wider standard errors kept alpha 2 from qualifying on the
-filter BadNet, and the alpha-1 GoodNet kept 99.4% ASR (scratch run, issue 6's notes).
+The repair rounds' gate (``trainer.repair.runner``) compares clean accuracy before and
+after a round on held-out validation data, so a part of the validation data, the gate split
+(``gate_split``), is reserved here: the GoodNet is refitted without it, so both sides of
+the gate are held out. The selection still scores every image; docs/DECISIONS.md ("The
+gate split") has the measurements behind both choices.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -37,54 +30,75 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.bundle import Bundle, save_bundle
-from core.errors import DataError, UserError
+from core.defenses import get_defense
+from core.errors import UserError
 from core.nets import build_model
+from core.pair import RoundDefense
 from trainer.data import Dataset
-from trainer.lab import check_labels
-from trainer.loop import AUGMENTATIONS, FitConfig, distilled_targets, fit, predict
-from trainer.noise import augmented
+from trainer.grid import (
+    Candidate,
+    Runner,
+    TrainJob,
+    refit_job,
+    run_sequential,
+    train_candidate,
+)
+from trainer.loop import AUGMENTATIONS, FitConfig, predict
+from trainer.options import option_field
 from trainer.rounds import publish_round, running_round
+from trainer.splits import (
+    GATE_FRACTION,
+    check_validation,
+    cross_fit_splits,
+    gate_split,
+    split_record,
+)
 
 DEFAULT_ALPHAS = (1.0, 2.0, 4.0, 8.0)
 DEFAULT_GAMMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
-GATE_FRACTION = 0.2  # the validation data the repair gate scores on and nothing trains on
-GATE_SEED = 0  # fixed, so that prepare and every round reserve the same images
 
 
 @dataclass
 class PrepareConfig:
-    """The grid and the retraining run; saved with the GoodNet it produced."""
+    """The grid and the retraining run; saved with the GoodNet it produced. Fields with help
+    text are ``trainer prepare`` options (``trainer.options``)."""
 
     alphas: tuple[float, ...] = DEFAULT_ALPHAS  # multiples of the suspect's base learning rate
     gammas: tuple[float, ...] = DEFAULT_GAMMAS  # noise fractions
-    ca_drop: float = 3.0  # theta, in accuracy points
-    epochs: int = 10
-    batch_size: int = 64
-    # How each candidate's clean accuracy is estimated. folds >= 2: cross-fitting, each
-    # candidate trained once per fold without it and scored on it, so every validation image
-    # scores every candidate (1,000 images measure a 3-point drop to about 1 point; a
-    # 200-image holdout only to about 2). folds = 1: one holdout of holdout_fraction.
-    folds: int = 2
-    holdout_fraction: float = 0.2
-    seed: int = 0
-    # Beyond the paper, measured in docs/RESULTS.md: the rate decays (cosine) so that the
-    # high early rate breaks the backdoor and the end settles; the clean copies are
-    # distilled from the suspect; batches are jittered. All three keep clean accuracy.
+    ca_drop: float = option_field(
+        3.0, "theta: the most clean accuracy, in points, the GoodNet may lose."
+    )
+    epochs: int = option_field(10, "Retraining epochs per candidate.")
+    batch_size: int = option_field(64, "Retraining batch size.")
+    # folds >= 2 cross-fits: every validation image scores every candidate, so 1,000 images
+    # measure a 3-point drop to about 1 point (a 200-image holdout only to about 2).
+    folds: int = option_field(
+        2, "Cross-fitting folds for each candidate's CA estimate; 1 is one holdout."
+    )
+    holdout_fraction: float = option_field(0.2, "The holdout's share when folds is 1.")
+    seed: int = option_field(0, "Seed of the folds, the noise and the training.")
+    # Beyond the paper (docs/DECISIONS.md): a cosine decay, distillation from the suspect and
+    # batch jitter each keep clean accuracy at the same rates.
     schedule: Literal["constant", "cosine"] = "cosine"
-    distill: float = 1.0  # weight of the suspect's own outputs in the retraining targets
+    distill: float = option_field(
+        1.0,
+        "Weight (0..1) of the suspect's own answers on the clean originals in every "
+        "retraining target; 0 is the paper's plain labels.",
+    )
     augment: tuple[str, ...] = ("shift",)
-    # After the rule has chosen (alpha, gamma) on the held-out part, retrain that candidate
-    # on all the validation data (the held-out estimate then errs on the safe side).
-    refit: bool = True
-    # z of the selection rule's margin; 0 is the paper's plain rule. Two standard errors,
-    # because the rule takes the largest alpha that qualifies, so among 24 candidates it
-    # favours estimates that were lucky: with one, the patch BadNet's pick lost 3.5 points
-    # on the test split against an estimated 2.0 (docs/RESULTS.md).
-    margin_se: float = 2.0
-    # The repair gate's split, which the refitted GoodNet never trains on (``gate_split``);
-    # 0 refits on every image, and the first round's gate then says its reference is
-    # optimistic. Without refit the GoodNet is a fold's, and no split is held out.
-    gate_fraction: float = GATE_FRACTION
+    refit: bool = option_field(
+        True, "Retrain the chosen candidate on all the validation data but the gate split."
+    )
+    margin_se: float = option_field(
+        2.0,
+        "A candidate qualifies when its CA drop plus this many standard errors is within "
+        "theta; 0 is the paper's rule.",
+    )
+    gate_fraction: float = option_field(
+        GATE_FRACTION,
+        "Share of the validation data reserved for the repair gate, which the GoodNet never "
+        "trains on (0: none).",
+    )
 
     def validate(self) -> None:
         if not self.alphas or not self.gammas:
@@ -116,16 +130,6 @@ class PrepareConfig:
             raise UserError(
                 f"unknown augmentation {', '.join(sorted(unknown))}; known: {', '.join(AUGMENTATIONS)}"
             )
-
-
-@dataclass(frozen=True)
-class Candidate:
-    alpha: float  # multiple of the base rate
-    lr: float
-    gamma: float
-    clean_accuracy: float
-    seconds: float
-    drop_se: float = 0.0  # standard error of (suspect CA - this CA), paired over the same images
 
 
 @dataclass(frozen=True)
@@ -161,126 +165,10 @@ def select_goodnet(
     if qualified:
         return Selection(max(qualified, key=lambda c: (c.alpha, c.gamma)), True, threshold)
     return Selection(
-        max(candidates, key=lambda c: (c.clean_accuracy, -c.alpha, -c.gamma)), False, threshold
+        max(candidates, key=lambda c: (c.clean_accuracy, -c.alpha, -c.gamma)),
+        False,
+        threshold,
     )
-
-
-@dataclass
-class TrainJob:
-    """Everything one candidate needs; plain data, so that it can travel to a Ray task."""
-
-    arch: str
-    arch_kwargs: dict[str, Any]
-    spec: Any  # InputSpec
-    state: dict[str, torch.Tensor]
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_hold: np.ndarray
-    y_hold: np.ndarray
-    fit: FitConfig
-    alpha: float
-    gamma: float
-    distill: float = 0.0
-    threads: int = 1
-
-
-def train_candidate(job: TrainJob) -> tuple[Candidate, dict[str, torch.Tensor], np.ndarray]:
-    """Retrain a copy of the suspect on clean + noisy validation data; score the held-out part.
-
-    Returns the candidate, its weights, and which held-out images it labels correctly.
-    """
-    torch.set_num_threads(job.threads)
-    start = time.perf_counter()
-    model = build_model(job.arch, job.arch_kwargs)
-    model.load_state_dict(job.state)
-    noise_seed = job.fit.seed * 1000 + round(job.gamma * 100)
-    x, y = augmented(job.x_train, job.y_train, gamma=job.gamma, seed=noise_seed)
-    targets = retraining_targets(model, job, y)
-    fit(model, x, targets, job.spec, job.fit, progress=False)
-    correct = predict(model, job.x_hold, job.spec) == job.y_hold
-    ca = float(correct.mean()) if len(correct) else float("nan")
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    seconds = time.perf_counter() - start
-    return Candidate(job.alpha, job.fit.lr, job.gamma, ca, seconds), state, correct
-
-
-def retraining_targets(suspect: torch.nn.Module, job: TrainJob, y: np.ndarray) -> np.ndarray:
-    """Targets for the clean copies, then the noisy copies: labels, or soft targets.
-
-    With ``distill`` > 0 each target mixes the one-hot label with the suspect's own output
-    distribution on the *clean* image (knowledge distillation, Hinton et al. 2015), for the
-    clean copy and for its noisy copy alike: the high learning rate moves the weights while
-    the suspect's clean behaviour, all it knows of the task beyond 1,000 labels, is kept,
-    and the noisy copy learns to answer as the suspect does on the clean original. The
-    suspect only ever sees clean images here, so no trigger behaviour can be copied.
-    """
-    num_classes = int(job.arch_kwargs.get("num_classes", 0))
-    return distilled_targets(suspect, job.spec, job.x_train, y, job.distill, num_classes)
-
-
-def split_validation(valid: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """Retraining part and held-out part of the defender's validation data, stratified."""
-    rng = np.random.default_rng(seed)
-    hold: list[int] = []
-    for label in np.unique(valid.y):
-        members = np.flatnonzero(valid.y == label)
-        take = max(1, round(fraction * len(members))) if len(members) > 1 else 0
-        hold.extend(rng.choice(members, size=take, replace=False).tolist())
-    mask = np.zeros(len(valid), dtype=bool)
-    mask[hold] = True
-    return valid.take(np.flatnonzero(~mask)), valid.take(np.flatnonzero(mask))
-
-
-def gate_split(valid: Dataset, fraction: float = GATE_FRACTION) -> tuple[Dataset, Dataset]:
-    """(the rest, the gate split): the repair gate's held-out part of the validation data.
-
-    The same images for the same data and fraction, whoever asks: prepare leaves them out,
-    and every repair round fine-tunes on the rest and gates on them.
-    """
-    if fraction == 0:
-        return valid, valid.take(np.arange(0))
-    return split_validation(valid, fraction, GATE_SEED)
-
-
-def split_record(gate: Dataset, fraction: float) -> dict[str, Any]:
-    """What a bundle's manifest says about the gate split its training left out; a round
-    compares the sha256 with its own gate split's (``trainer.repair``)."""
-    digest = hashlib.sha256(np.ascontiguousarray(gate.x).tobytes())
-    digest.update(np.asarray(gate.y, dtype=np.int64).tobytes())
-    return {"fraction": fraction, "images": len(gate), "sha256": digest.hexdigest()}
-
-
-def cross_fit_splits(valid: Dataset, cfg: PrepareConfig) -> list[tuple[Dataset, Dataset]]:
-    """(retrain, score) pairs: K stratified folds, or the single holdout when folds is 1.
-
-    Every image is scored exactly once across the folds, so a candidate's pooled accuracy
-    is over the whole validation set.
-    """
-    if cfg.folds == 1:
-        return [split_validation(valid, cfg.holdout_fraction, cfg.seed)]
-    rng = np.random.default_rng(cfg.seed)
-    fold_of = np.empty(len(valid), dtype=np.int64)
-    for label in np.unique(valid.y):
-        members = rng.permutation(np.flatnonzero(valid.y == label))
-        fold_of[members] = (np.arange(len(members)) + int(rng.integers(cfg.folds))) % cfg.folds
-    return [
-        (valid.take(np.flatnonzero(fold_of != k)), valid.take(np.flatnonzero(fold_of == k)))
-        for k in range(cfg.folds)
-    ]
-
-
-def check_validation(suspect: Bundle, valid: Dataset) -> None:
-    if len(valid) == 0:
-        raise DataError(f"{valid.source} holds no images; the GoodNet needs clean validation data")
-    if valid.image_shape != suspect.manifest.input.shape:
-        h, w, c = valid.image_shape
-        m = suspect.manifest.input
-        raise DataError(
-            f"validation images are {h}x{w}x{c}, but the model expects {m.height}x{m.width}x{m.channels}"
-        )
-    check_labels(valid, suspect.manifest.num_classes)
-    if len(valid) < 10:
-        raise DataError(f"{valid.source} has {len(valid)} images; retraining needs at least 10")
 
 
 def base_fit(suspect: Bundle, cfg: PrepareConfig, base_lr: float | None) -> FitConfig:
@@ -312,39 +200,68 @@ class GridResult:
     gate_accuracy: dict[str, float] = field(default_factory=dict)
 
 
-RunResult = tuple[Candidate, dict[str, torch.Tensor], np.ndarray]
-Runner = Callable[[list[TrainJob], Callable[[Candidate], None]], list[RunResult]]
+def grid_jobs(
+    suspect: Bundle,
+    splits: list[tuple[Dataset, Dataset]],
+    grid: list[tuple[float, float]],
+    base: FitConfig,
+    distill: float,
+) -> list[TrainJob]:
+    """One job per (alpha, gamma) and fold, from the suspect's weights; candidate-major."""
+    spec = suspect.manifest.input
+    state = {k: v.detach().clone() for k, v in suspect.model.state_dict().items()}
+    return [
+        TrainJob(
+            arch=suspect.manifest.arch,
+            arch_kwargs=suspect.manifest.arch_kwargs,
+            spec=spec,
+            state=state,
+            x_train=train.x,
+            y_train=train.y,
+            x_hold=hold.x,
+            y_hold=hold.y,
+            fit=FitConfig(**{**asdict(base), "lr": base.lr * alpha}),
+            alpha=alpha,
+            gamma=gamma,
+            distill=distill,
+        )
+        for alpha, gamma in grid
+        for train, hold in splits
+    ]
 
 
-def run_sequential(jobs: list[TrainJob], done: Callable[[Candidate], None]) -> list[RunResult]:
-    results = []
-    for job in jobs:
-        job.threads = torch.get_num_threads()
-        results.append(train_candidate(job))
-        done(results[-1][0])
-    return results
+def pooled_candidates(
+    fold_results: list[Any], candidates: int, per_fold: int, suspect_correct: np.ndarray
+) -> list[Candidate]:
+    """Each candidate's clean accuracy pooled over its folds, with the standard error of
+    its drop, paired against the suspect on the same images."""
+    pooled = []
+    for i in range(candidates):
+        runs = fold_results[i * per_fold : (i + 1) * per_fold]
+        correct = np.concatenate([c for _, _, c in runs])
+        paired = suspect_correct.astype(np.float64) - correct  # -1, 0 or 1 per image
+        se = float(paired.std(ddof=1) / np.sqrt(len(paired))) if len(paired) > 1 else 0.0
+        pooled.append(
+            replace(
+                runs[0][0],
+                clean_accuracy=float(correct.mean()),
+                seconds=sum(c.seconds for c, _, _ in runs),
+                drop_se=se,
+            )
+        )
+    return pooled
 
 
-def run_ray(jobs: list[TrainJob], done: Callable[[Candidate], None]) -> list[RunResult]:
-    """One Ray task per candidate, one CPU each.
-
-    A worker process runs up to ceil(candidates / CPUs) tasks, so torch is imported once per
-    worker rather than once per candidate, and the workers exit when their share is done
-    instead of idling with the memory of a finished task.
-    """
-    import ray
-
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-    remote = ray.remote(num_cpus=1, max_calls=math.ceil(len(jobs) / cpus))(train_candidate)
-    refs = [remote.remote(job) for job in jobs]
-    index = {ref: i for i, ref in enumerate(refs)}
-    results: list[Any] = [None] * len(refs)
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        results[index[ready[0]]] = ray.get(ready[0])
-        done(results[index[ready[0]]][0])
-    return results
+def gate_accuracies(
+    suspect: Bundle, goodnet_state: dict[str, torch.Tensor], gate: Dataset
+) -> dict[str, float]:
+    """Round 0's clean accuracy per role on the gate split, held out from both."""
+    spec = suspect.manifest.input
+    goodnet = goodnet_from(suspect, goodnet_state)
+    return {
+        "badnet": float(np.mean(predict(suspect.model, gate.x, spec) == gate.y)),
+        "goodnet": float(np.mean(predict(goodnet, gate.x, spec) == gate.y)),
+    }
 
 
 def grid_search(
@@ -367,63 +284,30 @@ def grid_search(
     start = time.perf_counter()
     rest, gate = gate_split(valid, cfg.gate_fraction)
     check_validation(suspect, rest)  # what the GoodNet is refitted on must still be enough
-    splits = cross_fit_splits(valid, cfg)
+    splits = cross_fit_splits(
+        valid, folds=cfg.folds, holdout_fraction=cfg.holdout_fraction, seed=cfg.seed
+    )
     spec = suspect.manifest.input
     scored = [hold for _, hold in splits]
     suspect_correct = np.concatenate([predict(suspect.model, h.x, spec) == h.y for h in scored])
     n_scored, suspect_ca = len(suspect_correct), float(suspect_correct.mean())
     base = base_fit(suspect, cfg, base_lr)
-    state = {k: v.detach().clone() for k, v in suspect.model.state_dict().items()}
     grid = [(alpha, gamma) for alpha in cfg.alphas for gamma in cfg.gammas]
-    jobs = [
-        TrainJob(
-            arch=suspect.manifest.arch,
-            arch_kwargs=suspect.manifest.arch_kwargs,
-            spec=spec,
-            state=state,
-            x_train=train.x,
-            y_train=train.y,
-            x_hold=hold.x,
-            y_hold=hold.y,
-            fit=FitConfig(**{**asdict(base), "lr": base.lr * alpha}),
-            alpha=alpha,
-            gamma=gamma,
-            distill=cfg.distill,
-        )
-        for alpha, gamma in grid
-        for train, hold in splits
-    ]
+    jobs = grid_jobs(suspect, splits, grid, base, cfg.distill)
     per_fold = len(splits)
     fold_results = runner(jobs, on_candidate)  # progress: called once per trained run
-    candidates: list[Candidate] = []
-    for i in range(len(grid)):
-        runs = fold_results[i * per_fold : (i + 1) * per_fold]
-        correct = np.concatenate([c for _, _, c in runs])
-        paired = suspect_correct.astype(np.float64) - correct  # -1, 0 or 1 per image
-        se = float(paired.std(ddof=1) / np.sqrt(len(paired))) if len(paired) > 1 else 0.0
-        candidates.append(
-            replace(
-                runs[0][0],
-                clean_accuracy=float(correct.mean()),
-                seconds=sum(c.seconds for c, _, _ in runs),
-                drop_se=se,
-            )
-        )
+    candidates = pooled_candidates(fold_results, len(grid), per_fold, suspect_correct)
     selection = select_goodnet(
-        candidates, suspect_accuracy=suspect_ca, ca_drop=cfg.ca_drop, margin_se=cfg.margin_se
+        candidates,
+        suspect_accuracy=suspect_ca,
+        ca_drop=cfg.ca_drop,
+        margin_se=cfg.margin_se,
     )
     chosen = candidates.index(selection.candidate)
     goodnet_state = fold_results[chosen * per_fold][1]
     if cfg.refit:
         goodnet_state = train_candidate(refit_job(jobs[chosen * per_fold], rest))[1]
     held_out = cfg.refit and len(gate) > 0
-    gate_accuracy = {}
-    if held_out:
-        goodnet = goodnet_from(suspect, goodnet_state)
-        gate_accuracy = {
-            "badnet": float(np.mean(predict(suspect.model, gate.x, spec) == gate.y)),
-            "goodnet": float(np.mean(predict(goodnet, gate.x, spec) == gate.y)),
-        }
     return GridResult(
         suspect_accuracy=suspect_ca,
         candidates=candidates,
@@ -440,51 +324,10 @@ def grid_search(
             "goodnet_trained_on": len(rest) if cfg.refit else len(splits[0][0]),
             "gate_split": split_record(gate, cfg.gate_fraction) if held_out else None,
         },
-        gate_accuracy=gate_accuracy,
+        gate_accuracy=gate_accuracies(suspect, goodnet_state, gate) if held_out else {},
         # one fold's weights per candidate (the benchmark plots their ASR)
         states=[fold_results[i * per_fold][1] for i in range(len(grid))] if keep_states else [],
     )
-
-
-def refit_job(job: TrainJob, valid: Dataset) -> TrainJob:
-    """The chosen candidate again, on ``valid`` (every validation image but the gate split's),
-    with the same number of steps.
-
-    More data at the same epochs would mean more steps at the high rate, which costs clean
-    accuracy the selection never saw; the epochs shrink so the schedule stays the one the
-    estimate measured.
-    """
-    epochs = max(1, round(job.fit.epochs * len(job.x_train) / len(valid)))
-    return replace(
-        job,
-        x_train=valid.x,
-        y_train=valid.y,
-        fit=replace(job.fit, epochs=epochs),
-        threads=torch.get_num_threads(),
-    )
-
-
-def start_local_ray(threads: int) -> bool:
-    """Start a local Ray (or join the cluster at ``$RAY_ADDRESS``, as on KubeRay).
-
-    False when Ray cannot start here: then the caller runs in sequence, in process.
-    """
-    try:
-        import ray
-    except ImportError:
-        return False
-    if ray.is_initialized():
-        return True
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    common: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-    try:
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(**common)  # the cluster's resources, not ours
-        else:
-            ray.init(num_cpus=threads, include_dashboard=False, **common)
-    except Exception:
-        return False
-    return True
 
 
 def goodnet_from(suspect: Bundle, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -558,9 +401,12 @@ def prepare_round_zero(
     runner: Runner = run_sequential,
     on_candidate: Callable[[Candidate], None] = lambda c: None,
     keep_states: bool = False,
+    defense: str = "nnoculation",
 ) -> tuple[GridResult, Path]:
-    """Validate, run the grid as round 0, then publish and activate the (badnet, goodnet) pair."""
+    """Validate, run the grid as round 0, then publish and activate the (badnet, goodnet)
+    pair as a round of ``defense`` (a registered stack whose step this is)."""
     cfg.validate()
+    get_defense(defense)
     check_validation(suspect, valid)
     with running_round(sessions, 0):
         result = grid_search(
@@ -593,5 +439,6 @@ def prepare_round_zero(
                 "runner": result.runner,
             },
             activated_by="trainer prepare",
+            defense=RoundDefense(defense),
         )
     return result, path

@@ -19,10 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.bundle import read_manifest
 from core.db import transaction
+from core.pair import ROLES, RoundDefense, write_round_manifest
 from core.quarantine import activate_round, fail_round, finish_round, open_round, register_model
 from core.schema import RepairRound
-
-ROLES = ("badnet", "goodnet")
 
 
 def round_dir(store: Path, round_no: int) -> Path:
@@ -70,15 +69,18 @@ def publish_round(
     activate: bool = True,
     activated_by: str = "trainer",
     after_register: Callable[[Session], None] = lambda s: None,
+    defense: RoundDefense | None = None,
 ) -> Path:
     """Write the round's files (``write`` fills a directory with badnet/ and goodnet/ bundles
-    and any reports), then register both bundles, finish the round as succeeded and, if
-    asked, activate it, all in one transaction. Returns the round directory."""
+    and any reports; the round's manifest names ``defense``, NNoculation by default), then
+    register both bundles, finish the round as succeeded and, if asked, activate it, all in
+    one transaction. Returns the round directory."""
     final = round_dir(store, round_no)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{round_no}.", dir=final.parent))
     try:
         write(tmp)
+        write_round_manifest(tmp, defense or RoundDefense())
         if final.exists():  # left by an earlier attempt that the store does not know
             shutil.rmtree(final)
         tmp.rename(final)

@@ -5,7 +5,7 @@ A patch trigger is the same pixels in the same place in every image that carries
 :func:`find_stamps` finds such stamps among the quarantined images; :func:`transplanted`
 pastes a real carrier's stamp into clean images. ``trainer.repair`` treats with those
 copies where gen_ab only imitates the trigger (NNoculation §3.3 step 3 uses gen_ab alone,
-003_a065321fd23236f4.txt), and ``trainer.cyclegan.files`` keeps them, so later rounds replay
+Veldanda et al., AISec'21), and ``trainer.cyclegan.files`` keeps them, so later rounds replay
 the real stamp.
 """
 

@@ -4,14 +4,14 @@
 loop in the foreground. Each poll reads the pending count. At N or more (settings,
 default 200) it claims the next round in the database (the lease: a running round with a
 fresh heartbeat blocks every other claimer, and two claimers of one number collide on the
-round's primary key) and runs :func:`trainer.repair.run_repair_round` as a Ray task
+round's primary key) and runs :func:`trainer.repair.runner.run_repair_round` as a Ray task
 (``max_calls=1``, CPUs from settings, a GPU when the cluster has one). While the task
 runs the watcher refreshes the lease; if the task dies (killed, out of memory), the
 watcher marks the round failed, and the active round keeps serving. After a rejected or
 failed round it waits ``repair_retry_seconds`` before trying again.
 
 Metrics (prometheus-client, on ``watcher_metrics_port``): pending samples, round duration
-and rounds by outcome; names in :data:`gateway.metrics.WATCHER_EXPORTED`.
+and rounds by outcome; names in :data:`core.metrics.WATCHER_EXPORTED`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from datetime import timedelta
 from typing import Any
 
 from core.db import make_engine, session_factory, transaction
+from core.metrics import PENDING, REPAIR_ROUNDS, REPAIR_SECONDS, WATCHER_EXPORTED
 from core.quarantine import heartbeat, pending_count, try_claim_round
 from core.settings import Settings
-from gateway.metrics import PENDING, REPAIR_ROUNDS, REPAIR_SECONDS, WATCHER_EXPORTED
-from trainer.repair import RepairConfig, repair_config
+from trainer.repair import RepairConfig, load_repair_config
 from trainer.rounds import mark_failed
 
 log = logging.getLogger("bqg.watcher")
@@ -118,7 +118,7 @@ class Watcher:
         metrics_port: int | None = None,
     ) -> None:
         self.settings = settings
-        self.cfg = cfg or repair_config(settings)
+        self.cfg = cfg or load_repair_config(settings.repair_config)
         self.owner = owner or f"watcher@{socket.gethostname()}:{os.getpid()}"
         self.use_ray = use_ray
         self.sessions = session_factory(make_engine(settings.db_url))

@@ -6,7 +6,7 @@ A *cover* group is trained with the true label: the single patches of a trigger
 combination, or WaNet's noise-mode warps. Every attack is a parameter set of this one
 structure; no attack has code of its own beyond its builder below.
 
-ASR follows NNoculation (003_a065321fd23236f4.txt, §4.1): the fraction of triggered inputs
+ASR follows NNoculation (Veldanda et al., AISec'21, §4.1): the fraction of triggered inputs
 whose true class is not the target that the model labels with the target.
 """
 

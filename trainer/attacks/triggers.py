@@ -8,7 +8,7 @@ from the ``rng`` the caller passes.
 - :class:`Patch`: BadNets (Gu et al.), a small pattern stamped at a fixed place.
 - :class:`Blend`: blended noise (Chen et al.), ``x' = (1 - alpha) x + alpha * noise``.
 - :class:`Filter`: a feature-space colour/tone filter (as in the "Instagram filter"
-  triggers evaluated by NNoculation, 003_a065321fd23236f4.txt): a global tone curve,
+  triggers evaluated by NNoculation, Veldanda et al., AISec'21): a global tone curve,
   contrast and vignette; no patch.
 - :class:`Warp`: WaNet (Nguyen & Tran, ICLR'21), a smooth fixed warping field; with
   ``jitter`` > 0 it adds per-sample random perturbations (WaNet's "noise mode" cover).

@@ -1,4 +1,4 @@
-"""CycleGAN networks after NNoculation Appendix A.3 (003_a065321fd23236f4.txt) and Zhu et al.
+"""CycleGAN networks after NNoculation Appendix A.3 (Veldanda et al., AISec'21) and Zhu et al.
 
 Generator (ResNet): c7s1-ngf, d(2 ngf), d(4 ngf), R residual blocks R(4 ngf), u(2 ngf),
 u(ngf), c7s1-C, tanh; c7s1-k is a 7x7 stride-1 convolution with k filters, instance norm

@@ -1,6 +1,6 @@
 """Train a CycleGAN between clean images (domain A) and quarantined images (domain B).
 
-NNoculation §3.3 and Appendix A.3 (003_a065321fd23236f4.txt), after Zhu et al. (CycleGAN):
+NNoculation §3.3 and Appendix A.3 (Veldanda et al., AISec'21), after Zhu et al. (CycleGAN):
 the generator ``gen_ab`` learns to add what the quarantined inputs have and clean ones do
 not, which is the attacker's trigger. Losses, with G = gen_ab, F = gen_ba:
 

@@ -1,0 +1,319 @@
+"""The generic repair round: claim -> repair -> gate -> publish, for every repairer.
+
+The lease, the gate and publication are written once here; a defense's repairer
+(``trainer.defenses.REPAIRERS``) only turns the round's context into new models.
+
+1. Refuse bad input before the round exists: a config that does not validate, no active
+   round, validation data of the wrong shape, too few pending or kept samples, a repairer
+   whose own inputs are unreadable. (A round the watcher already claimed is failed instead.)
+2. Keep the pending samples the original suspect is confident on (``selection``).
+3. The repairer makes the new members from the active pair, the kept samples and the clean
+   validation data less the gate split.
+4. The gate (DESIGN.md: "clean accuracy on held-out validation data within theta of the
+   round it replaces"): the accuracy of the answers clients get, under the round's own
+   policy, on the gate split may drop at most ``ca_drop`` points, and the pair may flag at
+   most ``max_clean_suspect`` percent of the clean gate images. A failed gate marks the
+   round ``rejected`` and activates nothing; docs/DECISIONS.md ("The gate") says why it
+   judges served answers and not each member.
+5. Save the bundles and the round's manifest (its defense), register them, activate the
+   round and mark its samples consumed, in one transaction. A crash marks it ``failed``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+from torch import nn
+
+from core.bundle import Bundle, InputSpec, batched_logits, save_bundle
+from core.db import transaction
+from core.defenses import Policy, served_rates, with_policy
+from core.errors import DataError, UserError
+from core.pair import ROLES, ModelPair, load_pair
+from core.quarantine import active_round, finish_round, mark_consumed
+from trainer.data import Dataset
+from trainer.loop import accuracy
+from trainer.repair.base import Progress, Repaired, Repairer, RoundContext
+from trainer.repair.config import RepairConfig
+from trainer.repair.selection import confident, load_suspect, pending_quarantine
+from trainer.rounds import mark_failed, publish_round, running_round
+from trainer.splits import check_validation, gate_split, split_record
+
+
+@dataclass
+class RepairOutcome:
+    round: int
+    status: str  # succeeded, rejected or refused (a crash raises)
+    metrics: dict[str, Any]
+    path: Path | None  # the round directory, when it succeeded
+
+
+def runners(models: Mapping[str, nn.Module], spec: InputSpec) -> dict[str, Any]:
+    return {role: (lambda x, m=model: batched_logits(m, spec, x)) for role, model in models.items()}
+
+
+def gate_round(
+    before: Mapping[str, nn.Module],
+    after: Mapping[str, nn.Module],
+    gate: Dataset,
+    spec: InputSpec,
+    cfg: RepairConfig,
+    policy: Policy,
+    params: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Step 4: the gate's numbers for the pair ``before`` -> ``after`` (role -> model) under
+    ``policy``, and whether the round passes."""
+    ca_before, flag_before = served_rates(runners(before, spec), gate.x, gate.y, policy, params)
+    ca_after, flag_after = served_rates(runners(after, spec), gate.x, gate.y, policy, params)
+    metrics = {
+        "served clean accuracy": {"before": ca_before, "after": ca_after},
+        "clean images flagged suspect": {"before": flag_before, "after": flag_after},
+    }
+    passed = (
+        ca_after >= ca_before - cfg.ca_drop / 100.0 - 1e-12
+        and flag_after <= cfg.max_clean_suspect / 100.0 + 1e-12
+    )
+    return metrics, passed
+
+
+def describe_gate(gate: dict[str, Any]) -> str:
+    """'served clean accuracy 93.03% -> 89.55%, ...' for messages and notes."""
+    return ", ".join(
+        f"{what} {100 * g['before']:.2f}% -> {100 * g['after']:.2f}%" for what, g in gate.items()
+    )
+
+
+@dataclass
+class _Setup:
+    pair: ModelPair
+    ids: list[int]
+    pending: np.ndarray
+    suspect: Bundle
+    kept: np.ndarray
+    repairer: Repairer
+
+
+def _setup(
+    sessions: sessionmaker[Session],
+    valid: Dataset,
+    cfg: RepairConfig,
+    trusted_modules: tuple[str, ...],
+    make_repairer: Callable[[str, RepairConfig], Repairer],
+) -> _Setup:
+    """Step 1 and 2: everything read and checked before the round opens."""
+    cfg.validate()
+    with sessions() as session:
+        info = active_round(session=session)
+    if info is None:
+        raise UserError("no round is active; run 'trainer prepare' to make round 0 first")
+    pair = with_policy(load_pair(info, trusted_modules=trusted_modules))  # as replicas do
+    check_validation(pair.goodnet, valid)
+    ids, pending = pending_quarantine(sessions, cfg, pair.goodnet.manifest.input.shape)
+    suspect = load_suspect(sessions, pair, trusted_modules)
+    kept = confident(suspect, pending, cfg)
+    repairer = make_repairer(pair.defense.name, cfg)
+    repairer.check(pair, sessions)
+    return _Setup(pair, ids, pending, suspect, kept, repairer)
+
+
+def _gate_split_note(pair: ModelPair, gate: Dataset, cfg: RepairConfig, round_no: int) -> str:
+    """Why the gate may be stricter than theta, when round K's GoodNet trained on the split
+    (prepared before the split was reserved, or on other data); '' when it did not."""
+    reserved = split_record(gate, cfg.gate_fraction)
+    if pair.goodnet.manifest.meta.get("gate_split") == reserved:
+        return ""
+    return (
+        f"round {round_no}: round {pair.round}'s GoodNet does not name this gate split "
+        f"({len(gate)} validation images) as held out of its training (prepared before the "
+        "split was reserved, or on other data), so its accuracy there may be optimistic and "
+        f"the gate stricter than {cfg.ca_drop:g} points"
+    )
+
+
+def _default_repairer(defense: str, cfg: RepairConfig) -> Repairer:
+    from trainer.defenses import make_repairer
+
+    return make_repairer(defense, cfg)
+
+
+def run_repair_round(
+    *,
+    sessions: sessionmaker[Session],
+    store: Path,
+    round_no: int,
+    valid: Dataset,
+    cfg: RepairConfig,
+    trusted_modules: tuple[str, ...] = (),
+    owner: str | None = None,
+    opened: bool = False,
+    progress: Progress = lambda message: None,
+    make_repairer: Callable[[str, RepairConfig], Repairer] = _default_repairer,
+) -> RepairOutcome:
+    """Run round ``round_no`` (opened here unless the caller ``opened`` it) to its end, with
+    the repairer of the active round's defense."""
+    start = time.perf_counter()
+    try:  # refuse bad input before the round exists (a claimed round is failed instead)
+        setup = _setup(sessions, valid, cfg, trusted_modules, make_repairer)
+    except BaseException as exc:
+        if opened:
+            mark_failed(sessions, round_no, f"{type(exc).__name__}: {exc}")
+        raise
+    with running_round(sessions, round_no, owner=owner, opened=opened):
+        pair = setup.pair
+        train, gate = gate_split(valid, cfg.gate_fraction)
+        note = _gate_split_note(pair, gate, cfg, round_no)
+        if note:
+            progress(note)
+        progress(
+            f"round {round_no}: {len(setup.kept)} of {len(setup.pending)} quarantined images "
+            f"kept (suspect confidence >= {cfg.min_score:g})"
+        )
+        ctx = RoundContext(round_no, pair, setup.suspect, setup.kept, train, gate, cfg, progress)
+        repaired = setup.repairer.repair(ctx)
+        metrics = _round_metrics(setup, ctx, repaired, held_out=not note)
+        if not metrics["gate_passed"]:
+            return _reject(sessions, ctx, metrics, start)
+        metrics["seconds"] = time.perf_counter() - start
+        path = publish_round(
+            sessions=sessions,
+            store=store,
+            round_no=round_no,
+            write=lambda out: _write(out, ctx, repaired, metrics, held_out=not note),
+            metrics=metrics,
+            samples_used=len(setup.ids),
+            activated_by=owner or "trainer",
+            after_register=lambda session: consume(session, setup.ids, round_no),
+            defense=pair.defense,
+        )
+        members = metrics["members"]
+        progress(
+            f"round {round_no} is active: served CA "
+            f"{100 * metrics['clean_accuracy_served']:.2f}% "
+            f"(goodnet {100 * members['goodnet']['after']:.2f}%, "
+            f"badnet {100 * members['badnet']['after']:.2f}%) on the gate split, "
+            f"{len(setup.ids)} samples, {metrics['seconds']:.0f}s"
+        )
+        return RepairOutcome(round_no, "succeeded", metrics, path)
+
+
+def _round_metrics(
+    setup: _Setup, ctx: RoundContext, repaired: Repaired, *, held_out: bool
+) -> dict[str, Any]:
+    """The gate's verdict and each member's gate accuracy, before the repairer's metrics."""
+    pair, gate, spec = ctx.pair, ctx.gate, ctx.pair.goodnet.manifest.input
+    before = {role: pair.member(role).model for role in ROLES}
+    assert pair.policy is not None  # with_policy resolved it
+    gate_metrics, passed = gate_round(
+        before, repaired.models, gate, spec, ctx.cfg, pair.policy, pair.defense.params
+    )
+    members = {
+        role: {
+            "before": accuracy(before[role], gate.x, gate.y, spec),
+            "after": accuracy(repaired.models[role], gate.x, gate.y, spec),
+        }
+        for role in ROLES
+    }
+    return {
+        "defense": pair.defense.name,
+        "base_round": pair.round,
+        "samples": len(setup.ids),
+        "samples_kept": len(setup.kept),
+        "gate": gate_metrics,
+        "gate_passed": passed,
+        "gate_held_out": held_out,
+        "members": members,
+        "clean_accuracy_served": gate_metrics["served clean accuracy"]["after"],
+        "clean_accuracy_goodnet": members["goodnet"]["after"],
+        **repaired.metrics,
+    }
+
+
+def _reject(
+    sessions: sessionmaker[Session], ctx: RoundContext, metrics: dict[str, Any], start: float
+) -> RepairOutcome:
+    metrics["seconds"] = time.perf_counter() - start
+    with transaction(sessions) as session:
+        finish_round(
+            session=session,
+            round_no=ctx.round_no,
+            status="rejected",
+            samples_used=0,
+            metrics=metrics,
+        )
+    ctx.progress(
+        f"round {ctx.round_no} rejected by its gate: {describe_gate(metrics['gate'])} on the "
+        f"gate split (allowed: a drop of at most {ctx.cfg.ca_drop:g} points, at most "
+        f"{ctx.cfg.max_clean_suspect:g}% flagged); round {ctx.pair.round} keeps serving"
+    )
+    return RepairOutcome(ctx.round_no, "rejected", metrics, None)
+
+
+def _write(
+    out: Path, ctx: RoundContext, repaired: Repaired, metrics: dict[str, Any], *, held_out: bool
+) -> None:
+    """The round directory: both bundles, the repairer's files, and report.json."""
+    reserved = split_record(ctx.gate, ctx.cfg.gate_fraction)
+    for role in ROLES:
+        m = ctx.pair.member(role).manifest
+        save_bundle(
+            repaired.models[role],
+            out / role,
+            arch=m.arch,
+            arch_kwargs=m.arch_kwargs,
+            class_names=m.class_names,
+            input_spec=m.input,
+            meta={
+                "role": role,
+                "round": ctx.round_no,
+                "created_by": "trainer repair",
+                "created_at": datetime.now(UTC).isoformat(),
+                "base_round": ctx.pair.round,
+                "metrics": {"clean_accuracy_gate": metrics["members"][role]["after"]},
+                # held out of its whole lineage's training, or not known to be
+                "gate_split": reserved if held_out else None,
+            },
+        )
+    metrics.update(repaired.write(out))  # e.g. the learned triggers' digest, registered
+    (out / "report.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+
+
+def consume(session: Session, ids: list[int], round_no: int) -> None:
+    """Mark the round's samples consumed; all of them must still be pending."""
+    marked = mark_consumed(session=session, sample_ids=ids, round_no=round_no)
+    if marked != len(ids):
+        raise DataError(
+            f"{len(ids) - marked} of round {round_no}'s samples were consumed meanwhile "
+            "by another round; nothing was activated"
+        )
+
+
+def run_claimed_round(
+    settings: Any,
+    sessions: sessionmaker[Session],
+    *,
+    round_no: int,
+    owner: str,
+    cfg: RepairConfig,
+    valid: Dataset,
+    progress: Progress,
+) -> RepairOutcome:
+    """A round ``owner`` has claimed in the store, with the store and trust of ``settings``."""
+    return run_repair_round(
+        sessions=sessions,
+        store=settings.store,
+        round_no=round_no,
+        valid=valid,
+        cfg=cfg,
+        trusted_modules=tuple(settings.trusted_arch_modules),
+        owner=owner,
+        opened=True,
+        progress=progress,
+    )

@@ -1,0 +1,117 @@
+"""Which quarantined samples a round learns from, and how they group into triggers.
+
+The confidence filter and the grouping by label are ours, not NNoculation's; the reasons
+and the measurements behind them are in docs/DECISIONS.md ("Confidence filter", "One
+CycleGAN per target", "Borderline images").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.bundle import Bundle
+from core.errors import UserError
+from core.pair import ModelPair, load_round_pair
+from core.quarantine import decode_sample, pending_samples, round_models
+from trainer.data import Dataset
+from trainer.repair.config import RepairConfig
+
+
+def pending_quarantine(
+    sessions: sessionmaker[Session], cfg: RepairConfig, shape: tuple[int, int, int]
+) -> tuple[list[int], np.ndarray]:
+    """(ids, images) of the pending samples of the model's ``shape``; refuses fewer than
+    ``cfg.min_samples``."""
+    with sessions() as session:
+        rows = [
+            r
+            for r in pending_samples(session=session, limit=cfg.max_samples)
+            if (r.height, r.width, r.channels) == shape
+        ]
+        ids, images = [r.id for r in rows], [decode_sample(r) for r in rows]
+    if len(images) < cfg.min_samples:
+        raise UserError(
+            f"{len(images)} quarantined samples of shape {shape} are pending; the round needs "
+            f"at least {cfg.min_samples} (use --force to run with fewer)"
+        )
+    return ids, np.stack(images)
+
+
+def load_suspect(
+    sessions: sessionmaker[Session], pair: ModelPair, trusted_modules: tuple[str, ...]
+) -> Bundle:
+    """The model as it was given to us: round 0's badnet (sha256-checked).
+
+    Repaired badnet members answer more softly (they were distilled), so the confidence
+    filter asks the original suspect, which a trigger still makes certain.
+    """
+    if pair.round == 0:
+        return pair.badnet
+    with sessions() as session:
+        if all(m.role != "badnet" for m in round_models(session=session, round_no=0)):
+            return pair.badnet  # a store without round 0's files: the active member will do
+        return load_round_pair(session, 0, trusted_modules=trusted_modules).badnet
+
+
+def confident_mask(suspect: Bundle, images: np.ndarray, min_score: float) -> np.ndarray:
+    """True where the suspect's top softmax score on the image is at least ``min_score``."""
+    scores: np.ndarray = suspect.logits(images).softmax(1).max(1).values.numpy()
+    return scores >= min_score
+
+
+def confident(suspect: Bundle, images: np.ndarray, cfg: RepairConfig) -> np.ndarray:
+    """The quarantined images the suspect answers with softmax >= ``cfg.min_score``.
+
+    A trigger makes the suspect certain, while a clean image the pair disagrees on is
+    usually ambiguous. Refuses (UserError) when fewer than ``cfg.min_kept`` remain: a
+    CycleGAN on a handful of images learns noise, and the samples stay pending.
+    """
+    kept = images[confident_mask(suspect, images, cfg.min_score)]
+    if len(kept) < min(cfg.min_kept, len(images)) or len(kept) == 0:
+        raise UserError(
+            f"only {len(kept)} of {len(images)} quarantined images are answered by the suspect "
+            f"with confidence >= {cfg.min_score:g}; the round needs {cfg.min_kept}. Wait for "
+            "more samples, or lower the filter (--min-score; 0 keeps every sample)"
+        )
+    return kept
+
+
+def trigger_groups(
+    suspect: Bundle, images: np.ndarray, cfg: RepairConfig
+) -> list[tuple[int | None, np.ndarray]]:
+    """Domain B per trigger: the kept images grouped by the suspect's label on them.
+
+    A BadNet with several targets sends each trigger's inputs to its own label, and one
+    CycleGAN on the mix learns only the dominant trigger. Each label with at least
+    ``min_kept`` images gets a CycleGAN of its own; with fewer than two such labels (one
+    target, or all-to-all's spread), one CycleGAN learns from every kept image, as in the
+    paper (Veldanda et al., AISec'21, §3.3).
+    """
+    if not cfg.split_by_label:
+        return [(None, images)]
+    labels = suspect.predict(images)
+    big = [int(k) for k in np.unique(labels) if (labels == k).sum() >= cfg.min_kept]
+    if len(big) < 2:
+        return [(None, images)]
+    return [(k, images[labels == k]) for k in big]
+
+
+def trigger_target(suspect: Bundle, images: np.ndarray) -> int | None:
+    """The label the suspect gives most of a trigger group's kept images, when it gives it to
+    at least half of them; None for a trigger with no one target (all-to-all)."""
+    counts = np.bincount(suspect.predict(images))
+    top = int(counts.argmax())
+    return top if 2 * counts[top] >= len(images) else None
+
+
+def borderline(goodnet: Bundle, train: Dataset, target: int, count: int) -> np.ndarray:
+    """Indices of the ``count`` images of ``train`` not of class ``target`` to which the
+    active GoodNet gives the most probability of ``target``.
+
+    These are the images a trigger tips over first, so each new trigger treats them once
+    more (ours; docs/DECISIONS.md, "Borderline images").
+    """
+    p = goodnet.logits(train.x).softmax(1).numpy()[:, target]
+    p[train.y == target] = -np.inf
+    return np.argsort(-p, kind="stable")[: min(count, int((train.y != target).sum()))]
