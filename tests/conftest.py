@@ -1,48 +1,32 @@
-"""Shared fixtures: tiny synthetic data for fast tests, the real Fashion-MNIST for the rest."""
+"""Shared fixtures: tiny synthetic data for fast tests, the real Fashion-MNIST for the rest.
+
+The helpers they use, and that tests import, live in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy.orm import Session, sessionmaker
 
-from core.bundle import InputSpec, load_bundle
+from core.bundle import load_bundle
 from core.settings import Settings
+from tests.helpers import (
+    RAY_METRICS,
+    SHAPE,
+    TARGET,
+    Lab,
+    free_port,
+    make_blobs,
+)
 from trainer.attacks.poison import build_attack
-from trainer.cyclegan import PRESETS
 from trainer.data import Dataset
 from trainer.lab import CLEAN, fabricate
 from trainer.loop import FitConfig
-from trainer.repair import RepairConfig
-from trainer.rounds import publish_round, running_round
-
-BIN = Path(sys.executable).parent
-# A repair round on the lab in seconds: it checks how a round runs, not how well it repairs.
-# One fine-tuning epoch needs the faster rate: at the default 5e-4 the two members move apart
-# and disagree on a quarter of the clean gate images (the gate refuses). Even at 1e-3 the
-# lab is that fragile: the gate split is 40 images, so its 10% bound on clean disagreement
-# is 4 images, and adding 8 or 16 borderline images (RepairConfig.borderline) tipped one
-# round or another over it. So the gate is off here, as in test_prometheus; its own tests
-# set theta and the bound.
-TINY_REPAIR = RepairConfig(
-    cyclegan=PRESETS["tiny"],
-    clean_images=64,
-    epochs=1,
-    lr=1e-3,
-    ca_drop=100.0,
-    max_clean_suspect=100.0,
-    borderline=8,
-)
 
 
 @pytest.fixture(scope="session")
@@ -58,43 +42,9 @@ def fmnist_dir() -> Path:
     return root
 
 
-def make_blobs(
-    n: int = 200, *, shape: tuple[int, int, int] = (12, 12, 1), classes: int = 3, seed: int = 0
-) -> Dataset:
-    """A tiny learnable dataset: class k is a bright square at a class-specific place."""
-    rng = np.random.default_rng(seed)
-    h, w, c = shape
-    x = rng.integers(0, 40, size=(n, h, w, c), dtype=np.uint8)
-    y = rng.integers(0, classes, size=n).astype(np.int64)
-    for i, label in enumerate(y):
-        r = 1 + (label * 3) % (h - 4)
-        x[i, r : r + 3, 2:8, :] = 220
-    return Dataset(x, y, tuple(str(k) for k in range(classes)), "blobs")
-
-
 @pytest.fixture
 def blobs() -> Dataset:
     return make_blobs()
-
-
-def spec_for(shape: tuple[int, int, int]) -> InputSpec:
-    h, w, c = shape
-    return InputSpec(channels=c, height=h, width=w, mean=[0.5] * c, std=[0.25] * c)  # type: ignore[arg-type]
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run a console script of this project as a user would."""
-    full_env = {**os.environ, "BQG_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [str(BIN / args[0]), *args[1:]],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=cwd,
-        timeout=300,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -116,30 +66,10 @@ def ray_session() -> Iterator[Any]:
     ray.shutdown()
 
 
-RAY_METRICS: dict[str, int] = {}
-
-
 @pytest.fixture(scope="session")
 def ray_metrics_port(ray_session: Any) -> int:
     """Ray's metrics export port of the shared session (what Prometheus scrapes)."""
     return RAY_METRICS["port"]
-
-
-# ---- a lab-made BadNet/GoodNet pair, published as rounds (the gateway and repair tests)
-
-SHAPE = (28, 28, 1)
-TARGET = 1
-
-
-@dataclass
-class Lab:
-    badnet: Path
-    goodnet: Path
-    clean: np.ndarray  # probes both models label alike
-    clean_labels: np.ndarray
-    triggered: np.ndarray  # probes the models disagree on
-    bad_labels: np.ndarray
-    good_labels: np.ndarray
 
 
 @pytest.fixture(scope="session")
@@ -189,59 +119,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
     )
 
 
-def publish_pair(
-    sessions: sessionmaker[Session],
-    store: Path,
-    round_no: int,
-    badnet: Path,
-    goodnet: Path,
-    *,
-    activate: bool,
-) -> Path:
-    """Register a round whose badnet/goodnet are copies of the given bundles."""
-
-    def write(out: Path) -> None:
-        shutil.copytree(badnet, out / "badnet")
-        shutil.copytree(goodnet, out / "goodnet")
-
-    with running_round(sessions, round_no):
-        return publish_round(
-            sessions=sessions,
-            store=store,
-            round_no=round_no,
-            write=write,
-            metrics={},
-            activate=activate,
-        )
-
-
-def ctrl_c(proc: subprocess.Popen[str], timeout: float) -> str:
-    """Send SIGINT (Ctrl-C) and return the rest of the output. If the process has not
-    exited within ``timeout``, ask it for every thread's stack (SIGUSR1, faulthandler) and
-    fail with that, so a stuck shutdown says where it is stuck."""
-    import signal
-    import time
-
-    proc.send_signal(signal.SIGINT)
-    try:
-        rest, _ = proc.communicate(timeout=timeout)
-        return str(rest)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGUSR1)
-        time.sleep(3)
-        os.killpg(proc.pid, signal.SIGKILL)
-        rest, _ = proc.communicate(timeout=30)
-        raise AssertionError(
-            f"no exit {timeout:.0f} s after Ctrl-C:\n{str(rest)[-6000:]}"
-        ) from None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def serve_http(ray_session: Any) -> Iterator[str]:
     """Serve's HTTP proxy on a free port, once per test session."""
@@ -251,20 +128,3 @@ def serve_http(ray_session: Any) -> Iterator[str]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-
-
-def quarantine_images(sessions: sessionmaker[Session], images: np.ndarray) -> None:
-    """Put ``images`` into the store as pending disagreements (BadNet 1, GoodNet 0)."""
-    from core.db import transaction
-    from core.quarantine import NewSample, add_samples
-
-    with transaction(sessions) as s:
-        add_samples(
-            session=s,
-            samples=[
-                NewSample.from_image(
-                    img, badnet_label=1, goodnet_label=0, served_round=0, detector="disagreement"
-                )
-                for img in images
-            ],
-        )

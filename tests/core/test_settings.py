@@ -26,22 +26,44 @@ def test_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings().trusted_arch_modules == ["mypkg.nets"]
 
 
-def test_repair_settings_reach_the_round_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pydantic import ValidationError
-
+def test_the_repair_config_file_reaches_the_round_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Run hyperparameters are RepairConfig fields; the watcher reads them from the file
+    BQG_REPAIR_CONFIG names, and a bad file or field is a clear error."""
+    from core.errors import UserError
     from trainer.cyclegan import DEFAULT_PRESET, PRESETS
-    from trainer.repair import RepairConfig, repair_config
+    from trainer.repair import RepairConfig, load_repair_config
 
-    # the embedded default is the CycleGAN module's default preset, whichever way a round starts
-    assert Settings().repair_preset == DEFAULT_PRESET
-    assert repair_config(Settings()).cyclegan == PRESETS[DEFAULT_PRESET] == RepairConfig().cyclegan
-    monkeypatch.setenv("BQG_REPAIR_QUARANTINE_VIEWS", "5")
-    monkeypatch.setenv("BQG_REPAIR_MIN_SCORE", "0.5")
-    cfg = repair_config(Settings())
+    assert Settings().repair_config is None
+    assert load_repair_config(None) == RepairConfig()
+    assert RepairConfig().cyclegan == PRESETS[DEFAULT_PRESET]
+    path = tmp_path / "repair.json"
+    path.write_text('{"quarantine_views": 5, "min_score": 0.5, "preset": "tiny"}')
+    monkeypatch.setenv("BQG_REPAIR_CONFIG", str(path))
+    cfg = load_repair_config(Settings().repair_config)
     assert cfg.quarantine_views == 5 and cfg.min_score == 0.5
-    monkeypatch.setenv("BQG_REPAIR_QUARANTINE_VIEWS", "-1")
-    with pytest.raises(ValidationError, match="repair_quarantine_views"):
-        Settings()
+    assert cfg.cyclegan == PRESETS["tiny"]
+    path.write_text('{"quarantine_views": -1}')
+    with pytest.raises(UserError, match="quarantine_views must be 0 or more"):
+        load_repair_config(path)
+    path.write_text('{"quarantine_veiws": 5}')
+    with pytest.raises(UserError, match=r"unknown repair fields \['quarantine_veiws'\]"):
+        load_repair_config(path)
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="cannot read the repair config"):
+        load_repair_config(path)
+
+
+def test_the_old_policy_variable_is_refused_with_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from core.errors import UserError
+    from core.settings import load_settings
+
+    monkeypatch.setenv("BQG_POLICY", "reject")
+    with pytest.raises(UserError, match="trainer prepare --defense"):
+        load_settings()
 
 
 def test_a_bad_setting_is_a_user_error_naming_the_variable(
@@ -50,10 +72,10 @@ def test_a_bad_setting_is_a_user_error_naming_the_variable(
     from core.errors import UserError
     from core.settings import load_settings
 
-    monkeypatch.setenv("BQG_REPAIR_QUARANTINE_VIEWS", "-1")
+    monkeypatch.setenv("BQG_POLL_SECONDS", "-1")
     monkeypatch.setenv("BQG_THREADS", "many")
     with pytest.raises(UserError) as caught:
         load_settings()
     message = str(caught.value)
-    assert "BQG_REPAIR_QUARANTINE_VIEWS='-1': input should be greater than or equal to 0" in message
+    assert "BQG_POLL_SECONDS='-1': input should be greater than 0" in message
     assert "BQG_THREADS='many'" in message

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.metrics import EXPORTED, LATENCY, REPAIR_SECONDS, WATCHER_EXPORTED
 from gateway.dashboard import DASHBOARD, dashboard_queries, load_dashboard
-from gateway.metrics import EXPORTED, LATENCY, REPAIR_SECONDS, WATCHER_EXPORTED
 
 ROOT = Path(__file__).resolve().parents[2]
 PANEL_TYPES = {"timeseries", "stat", "bargauge", "gauge", "table", "text"}
@@ -86,7 +86,7 @@ def test_every_metric_the_dashboard_and_alerts_name_is_exported() -> None:
 
 def test_a_renamed_metric_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     """The check above can fail: rename one exported metric and it does."""
-    import gateway.metrics as metrics
+    import core.metrics as metrics
 
     monkeypatch.setitem(metrics.EXPORTED, metrics.QUARANTINED, "ray_bqg_suspects_total")
     monkeypatch.setattr("tests.deploy.test_dashboard.EXPORTED", metrics.EXPORTED, raising=True)

@@ -67,7 +67,7 @@ def _check_settings_env(env: dict[str, Any], where: str) -> None:
 
 def _check_cli(argv: list[str]) -> None:
     """``argv`` parses with this project's console script (unknown options raise)."""
-    module = {"gateway": "gateway.cli", "trainer": "trainer.cli"}[argv[0]]
+    module = {"gateway": "local.cli", "trainer": "trainer.cli"}[argv[0]]
     cli = typer.main.get_command(importlib.import_module(module).app)
     sub = cli.commands[argv[1]]  # type: ignore[attr-defined]
     sub.make_context(argv[1], list(argv[2:]))
@@ -199,3 +199,14 @@ def test_rayservice_matches_the_image_env_secret_ports_and_ray(rayservice: dict[
             v["persistentVolumeClaim"]["claimName"] for v in group["template"]["spec"]["volumes"]
         }
         assert claims == {"bqg-store"}, "every node reads the same model bundles"
+
+
+def test_the_image_copies_every_package_the_distribution_installs() -> None:
+    """A package missing from the Dockerfile's COPY lines installs nothing in the image, and
+    its console scripts fail there (the `gateway` script lives in `local`)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = set(re.findall(r"^COPY (\w+) \1$", (DEPLOY / "Dockerfile").read_text(), re.M))
+    assert packages <= copied, f"deploy/Dockerfile does not copy {sorted(packages - copied)}"

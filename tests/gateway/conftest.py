@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.bundle import load_bundle
 from core.db import open_store, session_factory
-from tests.conftest import (
+from tests.helpers import (
     SHAPE,
     TARGET,
     Lab,
@@ -43,7 +43,8 @@ class Gateway:
 def gateway_factory(
     serve_http: str, tmp_path_factory: pytest.TempPathFactory, lab: Lab
 ) -> Iterator[Callable[..., Gateway]]:
-    """Deploy gateway apps (round 0 = the lab pair) under their own route prefixes."""
+    """Deploy gateway apps (round 0 = the lab pair, as a round of ``defense``) under their own
+    route prefixes."""
     from ray import serve
 
     from gateway.app import build_app
@@ -52,11 +53,11 @@ def gateway_factory(
     names: list[str] = []
     clients: list[httpx.Client] = []
 
-    def deploy(name: str, **args: Any) -> Gateway:
+    def deploy(name: str, defense: str = "nnoculation", **args: Any) -> Gateway:
         store = tmp_path_factory.mktemp(name)
         db_url = args.pop("db", None) or f"sqlite:///{store / 'quarantine.db'}"
         sessions = session_factory(open_store(db_url))
-        publish_pair(sessions, store, 0, lab.badnet, lab.goodnet, activate=True)
+        publish_pair(sessions, store, 0, lab.badnet, lab.goodnet, activate=True, defense=defense)
         app_args = GatewayArgs(
             db=db_url, store=str(store), poll_seconds=0.2, admin_token="s3cret-token", **args
         )

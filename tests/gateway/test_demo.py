@@ -18,8 +18,8 @@ import pytest
 from core.db import open_store, session_factory, transaction
 from core.errors import UserError
 from core.quarantine import active_round, finish_round, list_rounds, open_round
-from gateway.demo import stream_until_swap
-from tests.conftest import BIN, SHAPE, Lab, ctrl_c, free_port, make_blobs, publish_pair, run_cli
+from local.demo import stream_until_swap
+from tests.helpers import BIN, SHAPE, Lab, ctrl_c, free_port, make_blobs, publish_pair, run_cli
 from trainer.data import save_npz
 
 

@@ -28,8 +28,8 @@ import yaml
 from core.images import encode_png
 from core.settings import Settings
 from gateway.dashboard import dashboard_queries, for_prometheus
-from tests.conftest import SHAPE, Lab, free_port, make_blobs
 from tests.gateway.conftest import Gateway, disagreeing_images
+from tests.helpers import SHAPE, Lab, free_port, make_blobs
 from trainer.cyclegan import CycleGANConfig
 from trainer.data import save_npz
 from trainer.repair import RepairConfig

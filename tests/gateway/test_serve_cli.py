@@ -16,8 +16,8 @@ import pytest
 
 from core.db import open_store, session_factory
 from core.images import encode_png
-from gateway.metrics import EXPORTED, PENDING, PREDICTIONS, QUARANTINED, WATCHER_EXPORTED
-from tests.conftest import BIN, Lab, ctrl_c, free_port, publish_pair
+from core.metrics import EXPORTED, PENDING, PREDICTIONS, QUARANTINED, WATCHER_EXPORTED
+from tests.helpers import BIN, Lab, ctrl_c, free_port, publish_pair
 
 pytestmark = pytest.mark.integration
 

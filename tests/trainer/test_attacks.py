@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from core.errors import UserError
-from tests.conftest import make_blobs
+from tests.helpers import make_blobs
 from trainer.attacks.poison import (
     ATTACKS,
     NEXT,

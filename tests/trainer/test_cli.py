@@ -13,7 +13,7 @@ import torch
 from core.bundle import WEIGHTS_NAME, load_bundle
 from core.images import encode_png
 from core.nets import FashionCNN
-from tests.conftest import make_blobs, run_cli
+from tests.helpers import make_blobs, run_cli
 from trainer.data import save_npz
 
 pytestmark = pytest.mark.integration

@@ -5,7 +5,7 @@ import pytest
 
 from core.errors import DataError
 from core.images import encode_png
-from tests.conftest import make_blobs
+from tests.helpers import make_blobs
 from trainer.data import (
     FASHION_MNIST_CLASSES,
     load_data,

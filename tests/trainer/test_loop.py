@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from core.nets import FashionCNN
-from tests.conftest import make_blobs, spec_for
+from tests.helpers import make_blobs, spec_for
 from trainer.loop import FitConfig, accuracy, fit
 
 

@@ -14,25 +14,20 @@ from core.bundle import load_bundle, read_manifest
 from core.db import open_store, session_factory
 from core.errors import DataError, UserError
 from core.quarantine import active_round, list_rounds
-from tests.conftest import make_blobs
+from tests.helpers import make_blobs
 from trainer.data import Dataset
+from trainer.grid import Candidate, TrainJob, retraining_targets, run_sequential
 from trainer.lab import fabricate
 from trainer.loop import FitConfig, predict
 from trainer.noise import add_noise
 from trainer.prepare import (
-    Candidate,
     PrepareConfig,
-    TrainJob,
-    cross_fit_splits,
-    gate_split,
     goodnet_from,
     grid_search,
     prepare_round_zero,
-    retraining_targets,
-    run_sequential,
     select_goodnet,
-    split_record,
 )
+from trainer.splits import cross_fit_splits, gate_split, split_record
 
 
 @pytest.mark.parametrize("gamma", [0.1, 0.3, 0.6])
@@ -228,7 +223,7 @@ def test_ray_runner_gives_the_same_grid_as_the_sequential_one(
 ) -> None:
     import torch
 
-    from trainer.prepare import run_ray
+    from trainer.grid import run_ray
 
     bundle = load_bundle(suspect)
     parallel = grid_search(bundle, _valid(), SMALL, runner=run_ray)
@@ -247,7 +242,7 @@ def test_ray_runner_gives_the_same_grid_as_the_sequential_one(
 @pytest.mark.parametrize("folds", [2, 3])
 def test_cross_fitting_scores_every_image_once_and_never_on_its_own_training(folds: int) -> None:
     valid = _valid()
-    splits = cross_fit_splits(valid, PrepareConfig(folds=folds))
+    splits = cross_fit_splits(valid, folds=folds, holdout_fraction=0.2, seed=0)
     assert len(splits) == folds
     scored = np.concatenate([hold.x.reshape(len(hold), -1) for _, hold in splits])
     assert len(scored) == len(valid)
@@ -265,7 +260,7 @@ def test_cross_fitting_scores_every_image_once_and_never_on_its_own_training(fol
 
 
 def test_one_fold_is_the_single_holdout() -> None:
-    ((train, hold),) = cross_fit_splits(_valid(), PrepareConfig(folds=1, holdout_fraction=0.25))
+    ((train, hold),) = cross_fit_splits(_valid(), folds=1, holdout_fraction=0.25, seed=0)
     assert len(hold) == 30 and len(train) == 90
 
 

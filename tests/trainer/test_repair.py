@@ -14,45 +14,34 @@ from torch import nn
 
 from core.bundle import file_sha256, load_bundle
 from core.db import open_store, session_factory, transaction
+from core.defenses.bbd import RejectPolicy
+from core.defenses.nnoculation import GoodNetPolicy
 from core.errors import DataError, UserError
 from core.quarantine import (
-    NewSample,
     active_round,
-    add_samples,
     claim_round,
     heartbeat,
     list_rounds,
     pending_count,
 )
-from tests.conftest import (
+from tests.helpers import (
     SHAPE,
     TARGET,
     TINY_REPAIR,
     Lab,
+    lab_store,
     make_blobs,
-    publish_pair,
     quarantine_images,
+    quarantine_lab,
 )
 from trainer.attacks.poison import build_attack
 from trainer.cyclegan import train_cyclegan, translate
 from trainer.cyclegan.files import INDEX, load_triggers
 from trainer.cyclegan.models import PatchDiscriminator, ResnetGenerator
 from trainer.data import Dataset, load_fashion_mnist
-from trainer.repair import (
-    RepairConfig,
-    RepairOutcome,
-    borderline,
-    confident_mask,
-    counter_targets,
-    gate_round,
-    jitter,
-    localized,
-    pixel_curve,
-    run_repair_round,
-    treat,
-    trigger_groups,
-    trigger_target,
-)
+from trainer.repair import RepairConfig, RepairOutcome, confident_mask, gate_round, run_repair_round
+from trainer.repair.selection import borderline, trigger_groups, trigger_target
+from trainer.repair.treatment import counter_targets, jitter, localized, pixel_curve, treat
 from trainer.stamps import Stamp, find_stamps, transplanted
 
 TINY = TINY_REPAIR
@@ -90,27 +79,6 @@ def test_cyclegan_refuses_unusable_domains() -> None:
         train_cyclegan(np.zeros((4, 30, 30, 1), np.uint8), np.zeros((4, 30, 30, 1), np.uint8))
 
 
-def _store(tmp_path: Path, lab: Lab, goodnet: Path | None = None) -> sessionmaker[Session]:
-    """A fresh store whose active round 0 is the lab's pair (or its badnet and ``goodnet``)."""
-    sessions = session_factory(open_store(f"sqlite:///{tmp_path / 'q.db'}"))
-    publish_pair(sessions, tmp_path, 0, lab.badnet, goodnet or lab.goodnet, activate=True)
-    return sessions
-
-
-def _quarantine(sessions: sessionmaker[Session], lab: Lab, n: int, start: int = 0) -> None:
-    rows = slice(start, start + n)
-    samples = [
-        NewSample.from_image(
-            img, badnet_label=int(b), goodnet_label=int(g), served_round=0, detector="disagreement"
-        )
-        for img, b, g in zip(
-            lab.triggered[rows], lab.bad_labels[rows], lab.good_labels[rows], strict=True
-        )
-    ]
-    with transaction(sessions) as s:
-        add_samples(session=s, samples=samples)
-
-
 def _valid() -> Dataset:
     return make_blobs(200, shape=SHAPE, classes=4, seed=21)
 
@@ -119,13 +87,13 @@ def _first_round(
     tmp_path: Path, lab: Lab, cfg: RepairConfig
 ) -> tuple[sessionmaker[Session], RepairOutcome, list[str]]:
     """Round 1 on a fresh store with 40 quarantined samples: (store, outcome, progress)."""
-    return _round_one(_store(tmp_path, lab), tmp_path, lab, cfg)
+    return _round_one(lab_store(tmp_path, lab), tmp_path, lab, cfg)
 
 
 def _round_one(
     sessions: sessionmaker[Session], tmp_path: Path, lab: Lab, cfg: RepairConfig
 ) -> tuple[sessionmaker[Session], RepairOutcome, list[str]]:
-    _quarantine(sessions, lab, 40)
+    quarantine_lab(sessions, lab, 40)
     messages: list[str] = []
     outcome = run_repair_round(
         sessions=sessions,
@@ -202,8 +170,8 @@ def test_real_quarantined_images_are_fine_tuned_on_without_the_trigger_label(
     assert disagree.any()
     assert np.array_equal(soft.argmax(1)[disagree], goodnet.predict(images)[disagree])
 
-    sessions = _store(tmp_path, lab)
-    _quarantine(sessions, lab, 20)
+    sessions = lab_store(tmp_path, lab)
+    quarantine_lab(sessions, lab, 20)
     cfg = replace(TINY, min_score=0.0, min_kept=4, quarantine_views=2)
     outcome = run_repair_round(
         sessions=sessions, store=tmp_path, round_no=1, valid=_valid(), cfg=cfg
@@ -216,8 +184,8 @@ def test_real_quarantined_images_are_fine_tuned_on_without_the_trigger_label(
 
 
 def test_a_failed_gate_rejects_the_round_and_keeps_the_samples(tmp_path: Path, lab: Lab) -> None:
-    sessions = _store(tmp_path, lab)
-    _quarantine(sessions, lab, 30)
+    sessions = lab_store(tmp_path, lab)
+    quarantine_lab(sessions, lab, 30)
     # a rate that wrecks clean accuracy, against the gate's default bounds
     broken = replace(TINY, lr=5.0, ca_drop=0.0, max_clean_suspect=10.0)
     outcome = run_repair_round(
@@ -259,30 +227,27 @@ def test_the_gate_judges_the_served_answers_not_each_member(lab: Lab) -> None:
     before = {"badnet": bad.model, "goodnet": good.model}
     after = {"badnet": wrecked, "goodnet": good.model}
     strict = replace(TINY, ca_drop=0.0, max_clean_suspect=10.0)
-    metrics, passed = gate_round(before, after, gate, spec, strict)
+    metrics, passed = gate_round(before, after, gate, spec, strict, GoodNetPolicy())
     served, flagged = metrics["served clean accuracy"], metrics["clean images flagged suspect"]
     assert served["after"] == served["before"] > 0.5  # the goodnet answers either way
     assert flagged["after"] > 0.5 > flagged["before"]
     assert not passed  # more than 10% of clean images would be quarantined
     lenient = replace(TINY, ca_drop=0.0, max_clean_suspect=100.0)
-    assert gate_round(before, after, gate, spec, lenient)[1]
-    rejecting = replace(lenient, policy="reject")
-    metrics, passed = gate_round(before, after, gate, spec, rejecting)
+    assert gate_round(before, after, gate, spec, lenient, GoodNetPolicy())[1]
+    metrics, passed = gate_round(before, after, gate, spec, lenient, RejectPolicy())
     assert metrics["served clean accuracy"]["after"] < 0.5 and not passed
-    with pytest.raises(UserError, match="unknown policy 'vote'"):
-        replace(TINY, policy="vote").validate()
 
 
 def test_a_crash_fails_the_round_and_the_next_one_can_run(
     tmp_path: Path, lab: Lab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sessions = _store(tmp_path, lab)
-    _quarantine(sessions, lab, 20)
+    sessions = lab_store(tmp_path, lab)
+    quarantine_lab(sessions, lab, 20)
 
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("out of memory in the middle of training")
 
-    monkeypatch.setattr("trainer.repair.train_cyclegan", boom)
+    monkeypatch.setattr("trainer.repair.nnoculation.train_cyclegan", boom)
     unstamped = replace(TINY, transplant=False)  # a stamped trigger would train no CycleGAN
     with pytest.raises(RuntimeError, match="out of memory"):
         run_repair_round(
@@ -305,8 +270,8 @@ def test_a_crash_fails_the_round_and_the_next_one_can_run(
 
 
 def test_refusals_happen_before_a_round_exists(tmp_path: Path, lab: Lab) -> None:
-    sessions = _store(tmp_path, lab)
-    _quarantine(sessions, lab, 3)
+    sessions = lab_store(tmp_path, lab)
+    quarantine_lab(sessions, lab, 3)
     with pytest.raises(UserError, match="3 quarantined samples .* at least 10"):
         run_repair_round(
             sessions=sessions,
@@ -330,8 +295,8 @@ def test_the_confidence_filter_keeps_what_the_original_suspect_is_sure_of(
 ) -> None:
     """Only quarantined images the round-0 BadNet answers with >= min_score reach the
     CycleGAN; too few, and the round is refused with the samples left pending."""
-    sessions = _store(tmp_path, lab)
-    _quarantine(sessions, lab, 20)
+    sessions = lab_store(tmp_path, lab)
+    quarantine_lab(sessions, lab, 20)
     suspect = load_bundle(lab.badnet)
     scores = np.sort(suspect.logits(lab.triggered[:20]).softmax(1).max(1).values.numpy())
     strict = float(scores[-1])  # only the most confident pass (float32 ties them near 1)
@@ -403,7 +368,7 @@ def test_a_quarantine_with_two_targets_gets_a_cyclegan_per_target(tmp_path: Path
         None
     ]
     # and a round on that quarantine trains both, writing each recovered trigger
-    sessions = _store(tmp_path, lab)
+    sessions = lab_store(tmp_path, lab)
     quarantine_images(sessions, mix)
     outcome = run_repair_round(
         sessions=sessions, store=tmp_path, round_no=1, valid=_valid(), cfg=cfg
@@ -425,7 +390,7 @@ def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
     """Each round treats with the triggers earlier rounds learned as well as its own (gen_ab
     or stamps), keeps them all for the next, and takes its targets from round 0's badnet
     (the original suspect), not the active round's."""
-    import trainer.repair as repair
+    import trainer.repair.nnoculation as repair
 
     teachers: list[object] = []
     real_finetune = repair.finetune
@@ -435,7 +400,7 @@ def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
         return real_finetune(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(repair, "finetune", finetune)
-    sessions = _store(tmp_path, lab)
+    sessions = lab_store(tmp_path, lab)
     cfg = replace(TINY, min_score=0.0, min_kept=4)
 
     def run(round_no: int, cfg: RepairConfig) -> RepairOutcome:
@@ -448,7 +413,7 @@ def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
     # round 1 learns gen_ab (transplant off); round 2 finds the stamp and trains no CycleGAN
     paths = []
     for round_no, transplant in ((1, False), (2, True)):
-        _quarantine(sessions, lab, 12, start=12 * (round_no - 1))
+        quarantine_lab(sessions, lab, 12, start=12 * (round_no - 1))
         outcome = run(round_no, replace(cfg, transplant=transplant))
         paths.append(outcome.path)
     assert outcome.metrics["replayed_triggers"] == ["round 1"]
@@ -464,7 +429,7 @@ def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
 
     # damaged stamps or weights stop round 3 before it exists (nothing is half-read), and so
     # does an index rewritten to drop a trigger: the store registered the index's sha256
-    _quarantine(sessions, lab, 12, start=24)
+    quarantine_lab(sessions, lab, 12, start=24)
     index = paths[1] / INDEX
     assert outcome.metrics["triggers_sha256"] == file_sha256(index)
     entries = json.loads(index.read_text())["triggers"]
@@ -494,7 +459,7 @@ def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
 
     # a damaged trigger file: --no-replay runs the round without it
     (outcome.path / third[0].file).write_bytes(b"not a safetensors file")  # type: ignore[operator]
-    _quarantine(sessions, lab, 12, start=36)
+    quarantine_lab(sessions, lab, 12, start=36)
     outcome = run(4, replace(cfg, replay=False, transplant=False))
     assert outcome.metrics["replayed_triggers"] == []
     assert outcome.metrics["stamp_pixels"] == [[]]
@@ -504,7 +469,7 @@ def test_later_rounds_replay_earlier_triggers_and_distill_from_round_0(
 def test_the_database_lease_lets_one_claimer_in(tmp_path: Path, lab: Lab) -> None:
     from datetime import timedelta
 
-    sessions = _store(tmp_path, lab)
+    sessions = lab_store(tmp_path, lab)
     lease = timedelta(seconds=30)
     with transaction(sessions) as s:
         first = claim_round(session=s, owner="watcher-a", lease=lease)
@@ -844,7 +809,7 @@ def test_a_round_after_prepare_gates_on_a_split_both_sides_held_out(
     tmp_path: Path, lab: Lab
 ) -> None:
     from core.bundle import save_bundle
-    from trainer.prepare import gate_split, split_record
+    from trainer.splits import gate_split, split_record
 
     reserved = split_record(gate_split(_valid())[1], 0.2)
     good = load_bundle(lab.goodnet)  # as prepare writes it: naming the split it left out
@@ -859,7 +824,7 @@ def test_a_round_after_prepare_gates_on_a_split_both_sides_held_out(
         input_spec=m.input,
         meta={**m.meta, "gate_split": reserved},
     )
-    _, outcome, messages = _round_one(_store(tmp_path, lab, prepared), tmp_path, lab, TINY)
+    _, outcome, messages = _round_one(lab_store(tmp_path, lab, prepared), tmp_path, lab, TINY)
     assert outcome.status == "succeeded" and outcome.path is not None
     assert outcome.metrics["gate_held_out"] is True
     assert not any("does not name this gate split" in m for m in messages)

@@ -13,10 +13,10 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import open_store, session_factory, transaction
+from core.metrics import PENDING, WATCHER_EXPORTED
 from core.quarantine import active_round, list_rounds, pending_count
 from core.settings import Settings
-from gateway.metrics import PENDING, WATCHER_EXPORTED
-from tests.conftest import (
+from tests.helpers import (
     SHAPE,
     TINY_REPAIR,
     Lab,
@@ -27,6 +27,7 @@ from tests.conftest import (
     run_cli,
 )
 from tests.store_helpers import empty_tables, postgres_or_skip
+from trainer.cyclegan import PRESETS
 from trainer.data import save_npz
 from trainer.watcher import Watcher
 
@@ -182,8 +183,14 @@ def test_status_rollback_and_retrain_refusals(tmp_path: Path, lab: Lab) -> None:
     assert r.returncode == 2 and "pixel_curve must lie in 0..5" in r.stderr
     r = run_cli("trainer", "retrain", "--round", "1", "--borderline", "-3", env=env)
     assert r.returncode == 2 and "borderline must be 0 or more images, got -3" in r.stderr
-    r = run_cli("trainer", "status", env={**env, "BQG_REPAIR_QUARANTINE_VIEWS": "-1"})
-    assert r.returncode == 2 and "bad setting: BQG_REPAIR_QUARANTINE_VIEWS='-1'" in r.stderr
+    bad = tmp_path / "repair.json"
+    bad.write_text('{"quarantine_views": -1}')
+    r = run_cli(
+        "trainer", "retrain", "--round", "1", "--force", env={**env, "BQG_REPAIR_CONFIG": str(bad)}
+    )
+    assert r.returncode == 2 and "quarantine_views must be 0 or more, got -1" in r.stderr
+    r = run_cli("trainer", "status", env={**env, "BQG_POLICY": "reject"})
+    assert r.returncode == 2 and "trainer prepare --defense" in r.stderr
     assert "Traceback" not in r.stderr
     with transaction(sessions) as s:  # a failed round 1
         from core.quarantine import fail_round, open_round
@@ -204,12 +211,13 @@ def test_status_rollback_and_retrain_refusals(tmp_path: Path, lab: Lab) -> None:
 
 def test_retrain_runs_a_round_and_rollback_returns_to_round_zero(tmp_path: Path, lab: Lab) -> None:
     settings, sessions = _setup(tmp_path, lab, 12)
+    (tmp_path / "repair.json").write_text('{"preset": "tiny"}')  # the watcher's file, too
     env = {
         "BQG_STORE": str(tmp_path),
         "BQG_DB": settings.db_url,
         "BQG_VALID": settings.valid,
         "BQG_QUARANTINE_THRESHOLD": "10",
-        "BQG_REPAIR_PRESET": "tiny",
+        "BQG_REPAIR_CONFIG": str(tmp_path / "repair.json"),
     }
     r = run_cli(
         "trainer",
@@ -225,7 +233,8 @@ def test_retrain_runs_a_round_and_rollback_returns_to_round_zero(tmp_path: Path,
         config = list_rounds(session=s)[1].metrics["config"]
         assert config["replay"] is False and config["quarantine_views"] == 2
         assert config["transplant"] is False and config["pixel_curve"] == 1
-        assert config["borderline"] == 8
+        assert config["borderline"] == 8 and "cyclegan" not in config
+        assert list_rounds(session=s)[1].metrics["cyclegan"]["ngf"] == PRESETS["tiny"].ngf
     r = run_cli("trainer", "rollback", "--round", "0", env=env)
     assert r.returncode == 0 and "round 0 is active" in r.stdout
     with sessions() as s:

@@ -1,0 +1,133 @@
+"""Rounds carry their defense: the gateway serves the active round's policy, swaps it under
+load without a failed request, and serves a defense registered in test code."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from core.bundle import load_bundle
+from core.db import transaction
+from core.defenses import decide_batch
+from core.images import encode_png
+from core.pair import ModelPair, RoundDefense
+from core.quarantine import activate_round
+from tests.gateway.conftest import Gateway, Lab, publish_pair
+from tests.plugins.mirror_defense import MirrorCheckPolicy
+
+pytestmark = pytest.mark.integration
+CLIENTS, REQUESTS = 4, 600
+
+
+def activate(gw: Gateway, round_no: int) -> None:
+    with transaction(gw.sessions) as s:
+        activate_round(session=s, round_no=round_no, activated_by="test")
+
+
+def test_a_swap_changes_the_defense_under_load_and_a_rollback_restores_it(
+    gateway_factory: Callable[..., Gateway], lab: Lab
+) -> None:
+    gw = gateway_factory("gwdefense")  # round 0: nnoculation
+    publish_pair(
+        gw.sessions,
+        gw.store,
+        1,
+        lab.badnet,
+        lab.goodnet,
+        activate=False,
+        defense="nnoculation-reject",
+    )
+    images = np.concatenate([lab.triggered[:20], lab.clean[:20]])
+    probes = [encode_png(img) for img in images]
+    good = np.concatenate([lab.good_labels[:20], lab.clean_labels[:20]])
+    triggered = np.arange(len(images)) < 20
+    results: list[tuple[float, int, dict[str, Any]]] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def client(worker: int) -> None:
+        with httpx.Client(base_url=gw.url, timeout=30) as http:
+            for i in range(worker, REQUESTS, CLIENTS):
+                k = i % len(probes)
+                try:
+                    r = http.post(
+                        "/predict", content=probes[k], headers={"content-type": "image/png"}
+                    )
+                    assert r.status_code == 200, r.text
+                    with lock:
+                        results.append((time.monotonic(), k, r.json()))
+                except Exception as exc:  # every failure counts, whatever it is
+                    with lock:
+                        failures.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.002)
+
+    def operator() -> None:
+        while len(results) < REQUESTS // 3:
+            time.sleep(0.01)
+        activate(gw, 1)  # the reject rule, on the same models
+        while len(results) < 2 * REQUESTS // 3:
+            time.sleep(0.01)
+        activate(gw, 0)  # a rollback restores the GoodNet policy
+
+    with ThreadPoolExecutor(CLIENTS + 1) as pool:
+        op = pool.submit(operator)
+        for f in [pool.submit(client, w) for w in range(CLIENTS)]:
+            f.result()
+        op.result()
+
+    assert failures == [] and len(results) == REQUESTS
+    order = [body["round"] for _, _, body in sorted(results, key=lambda r: r[0])]
+    assert 1 in order and order[-1] == 0  # it served round 1, then round 0 again
+    for _, k, body in results:
+        assert body["suspect"] == bool(triggered[k])
+        if body["round"] == 1 and triggered[k]:
+            assert body["label"] is None and body["class_name"] is None  # withheld
+        else:
+            assert body["label"] == int(good[k])  # the GoodNet's answer
+
+
+def test_a_defense_from_test_code_serves_through_the_real_app(
+    gateway_factory: Callable[..., Gateway], lab: Lab
+) -> None:
+    """One module (tests/plugins/mirror_defense.py) and its registry entry: the app imports
+    it from BQG_DEFENSE_MODULES and serves it, with no other change."""
+    gw = gateway_factory(
+        "gwmirror", defense="mirror-check", defense_modules=["tests.plugins.mirror_defense"]
+    )
+    images = np.concatenate([lab.triggered[:16], lab.clean[:16]])
+    bad, good = load_bundle(lab.badnet), load_bundle(lab.goodnet)
+    pair = ModelPair(0, bad, good, RoundDefense("mirror-check"))
+    expected = decide_batch(pair, images, MirrorCheckPolicy())
+    assert any(d.label is None for d in expected) and any(d.label is not None for d in expected)
+    served = [
+        gw.client.post("/predict", content=encode_png(img), headers={"content-type": "image/png"})
+        for img in images
+    ]
+    assert all(r.status_code == 200 for r in served)
+    assert [r.json()["label"] for r in served] == [d.label for d in expected]
+    assert [r.json()["suspect"] for r in served] == [d.suspect for d in expected]
+    model = gw.client.get("/v1/models").json()["models"][0]
+    assert model["defense"] == "mirror-check" and model["policy"] == "mirror-check"
+
+
+def test_a_round_naming_an_unknown_defense_is_refused_and_the_old_one_serves(
+    gateway_factory: Callable[..., Gateway], lab: Lab
+) -> None:
+    gw = gateway_factory("gwunknown")
+    publish_pair(gw.sessions, gw.store, 1, lab.badnet, lab.goodnet, activate=False, defense="strp")
+    activate(gw, 1)
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        r = gw.client.post("/predict", json={"pixels": lab.clean[0][:, :, 0].tolist()})
+        assert r.status_code == 200 and r.json()["round"] == 0
+        time.sleep(0.1)
+    model = gw.client.get("/v1/models").json()["models"][0]
+    assert model["round"] == 0 and model["defense"] == "nnoculation"
+    assert "unknown defense 'strp'" in model["last_swap_failure"]
