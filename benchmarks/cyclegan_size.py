@@ -249,7 +249,7 @@ def render(data: dict[str, Any]) -> str:
         "rejected serves nothing new and has no rates). A configuration repairs when, on "
         f"every attack, its mean ASR is within {100 * ASR_SLACK:g} point of the best configuration's and its CA within "
         f"{CA_DROP_MAX:g} points of the BadNet's. A stamped trigger (patch, all-to-all, multi-trigger, combo) is "
-        "treated with its own stamp and its round trains no CycleGAN (`trainer/repair.py`), so only global "
+        "treated with its own stamp and its round trains no CycleGAN (`trainer/repair/nnoculation.py`), so only global "
         "triggers depend on the size.",
         "",
         "| CycleGAN | generator parameters | CycleGAN s | round s | "

@@ -49,20 +49,21 @@ from numpy.typing import NDArray
 from benchmarks.results import RESULTS_DIR, checks_line, defender_data, provenance, publish
 from core.bundle import load_bundle
 from core.db import open_store, session_factory
+from core.defenses import decide_batch
+from core.defenses.nnoculation import GoodNetPolicy
 from core.errors import UserError
 from core.images import encode_png
+from core.pair import load_round_pair
 from core.quarantine import list_rounds
 from core.settings import Settings
 from gateway.config import GatewayArgs
-from gateway.demo import Traffic, stream_until_swap
-from gateway.ensemble import GoodNetPolicy, decide_batch
-from gateway.follower import load_round_pair
+from local.demo import Traffic, stream_until_swap
 from trainer.attacks.poison import Attack, TriggerGroup, attack_success_rates, attacker_stream
 from trainer.cyclegan import DEFAULT_PRESET
 from trainer.data import Dataset
 from trainer.lab import attack_of
 from trainer.prepare import PrepareConfig, prepare_round_zero
-from trainer.repair import repair_config
+from trainer.repair import RepairConfig, with_preset
 
 NAME = "nnoculation_table"
 
@@ -308,7 +309,7 @@ def one_run(
 ) -> dict[str, Any]:
     """Round 0, then the live gateway through ``phases``; rates at every stage."""
     from core.quarantine import pixel_sha256
-    from gateway.cli import local_gateway
+    from local.cli import local_gateway
 
     attack = attack_of(zoo_dir)
     assert attack is not None
@@ -350,7 +351,6 @@ def one_run(
         update={
             "store": store,
             "quarantine_threshold": opts.threshold,
-            "repair_preset": opts.preset,
             "http_port": free_port(),
             "metrics_port": free_port(),
             "watcher_metrics_port": free_port(),
@@ -363,7 +363,7 @@ def one_run(
         settings.http_host,
         settings.http_port,
         watch=True,
-        watcher_cfg=repair_config(settings),
+        watcher_cfg=with_preset(RepairConfig(), opts.preset),
         quiet=True,
     ):
 

@@ -27,17 +27,10 @@ from core.db import open_store, session_factory
 from core.settings import Settings
 from trainer.attacks.poison import ATTACKS, firing_success_rate
 from trainer.data import Dataset, load_fashion_mnist
+from trainer.grid import run_ray, run_sequential, start_local_ray
 from trainer.lab import attack_of
 from trainer.loop import accuracy, predict, set_threads
-from trainer.prepare import (
-    PrepareConfig,
-    goodnet_from,
-    grid_search,
-    prepare_round_zero,
-    run_ray,
-    run_sequential,
-    start_local_ray,
-)
+from trainer.prepare import PrepareConfig, goodnet_from, grid_search, prepare_round_zero
 from trainer.report import grid_heatmap
 
 NAME = "pre_deployment"

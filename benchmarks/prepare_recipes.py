@@ -51,9 +51,11 @@ def worker(task):
     from core.bundle import load_bundle
     from trainer.attacks.poison import firing_success_rate
     from trainer.data import load_fashion_mnist
+    from trainer.grid import TrainJob, train_candidate
     from trainer.lab import attack_of
     from trainer.loop import FitConfig, accuracy, predict
-    from trainer.prepare import TrainJob, goodnet_from, split_validation, train_candidate
+    from trainer.prepare import goodnet_from
+    from trainer.splits import split_validation
 
     torch.set_num_threads(1)
     name, vname, hold = task

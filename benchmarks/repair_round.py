@@ -39,10 +39,11 @@ from benchmarks.results import (
 )
 from core.bundle import load_bundle
 from core.db import open_store, session_factory, transaction
+from core.defenses import decide_batch
+from core.defenses.nnoculation import GoodNetPolicy
 from core.errors import UserError
+from core.pair import load_pair
 from core.quarantine import NewSample, active_round, add_samples
-from gateway.ensemble import GoodNetPolicy, decide_batch
-from gateway.follower import load_pair
 from trainer.attacks.poison import (
     TriggerGroup,
     attacker_stream,

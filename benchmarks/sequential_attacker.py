@@ -40,8 +40,8 @@ from benchmarks.results import (
 )
 from core.bundle import Bundle, load_bundle
 from core.db import open_store, session_factory
+from core.pair import load_pair
 from core.quarantine import active_round
-from gateway.follower import load_pair
 from trainer.attacks.poison import (
     Attack,
     attack_success_rates,

@@ -56,7 +56,7 @@ class FashionCNN(nn.Module):
 
 
 class NNoculationCNN(nn.Module):
-    """The clean-label-attack BadNet of NNoculation, Table 10 (003_a065321fd23236f4.txt).
+    """The clean-label-attack BadNet of NNoculation, Table 10 (Veldanda et al., AISec'21).
 
     conv16 5x5 - pool - conv4 5x5 - pool - fc512 - fc(num_classes).
     """
