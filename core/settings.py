@@ -17,6 +17,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from core.errors import UserError
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Hyperparameters that were settings until they became RepairConfig fields (docs/DECISIONS.md).
+REMOVED_REPAIR_VARIABLES = (
+    "BQG_REPAIR_PRESET",
+    "BQG_REPAIR_MIN_SCORE",
+    "BQG_REPAIR_QUARANTINE_VIEWS",
+    "BQG_REPAIR_PIXEL_CURVE",
+    "BQG_REPAIR_BORDERLINE",
+)
 
 
 class Settings(BaseSettings):
@@ -121,6 +129,13 @@ def load_settings(**overrides: Any) -> Settings:
             "BQG_POLICY is gone: each round's manifest names its defense, and the gateway "
             "serves the active round's; unset it and pick one with 'trainer prepare --defense' "
             "(nnoculation-reject is the old reject policy)"
+        )
+    gone = sorted(name for name in REMOVED_REPAIR_VARIABLES if name in os.environ)
+    if gone:
+        raise UserError(
+            f"{', '.join(gone)}: repair hyperparameters are no longer settings; unset them and "
+            "put the fields in a JSON file that BQG_REPAIR_CONFIG names, e.g. "
+            '{"preset": "fast", "min_score": 0.99} (trainer retrain --help lists the fields)'
         )
     try:
         return Settings(**overrides)

@@ -28,8 +28,11 @@ def option_field(default: Any, help: str) -> Any:
 def _option(field: dataclasses.Field[Any], hint: Any) -> inspect.Parameter:
     flag = "--" + field.name.replace("_", "-")
     default = field.default
-    help_text = f"{field.metadata['help']} (default {default})"
-    base = typing.get_args(hint)[0] if type(None) in typing.get_args(hint) else hint
+    help_text = f"{field.metadata['help']} (default: {default})"
+    members = [t for t in typing.get_args(hint) if t is not type(None)]
+    base = members[0] if members else hint
+    if base not in (bool, int, float, str):
+        raise TypeError(f"{field.name}: only bool, int, float and str fields become options")
     decl = f"{flag}/--no-{flag[2:]}" if base is bool else flag
     option = typer.Option(decl, help=help_text, show_default=False)
     annotation = Annotated[base | None, option]  # type: ignore[valid-type]  # built at run time
@@ -52,10 +55,14 @@ def config_options(cls: type, skip: Sequence[str] = ()) -> Callable[[Command], C
             if p.name != "overrides"
         ]
         names = [f.name for f in fields]
+        clash = sorted(set(names) & set(signature.parameters))
+        if clash:
+            raise TypeError(f"{command.__name__}: options {clash} are both fields and parameters")
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
-            overrides = {n: kwargs.pop(n) for n in names if kwargs.get(n) is not None}
+            overrides = dict(kwargs.pop("overrides", None) or {})
+            overrides.update({n: kwargs.pop(n) for n in names if kwargs.get(n) is not None})
             for n in names:
                 kwargs.pop(n, None)
             return command(overrides=overrides, **kwargs)

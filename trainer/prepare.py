@@ -33,7 +33,7 @@ from core.bundle import Bundle, save_bundle
 from core.defenses import get_defense
 from core.errors import UserError
 from core.nets import build_model
-from core.pair import RoundDefense
+from core.pair import DEFAULT_DEFENSE, RoundDefense
 from trainer.data import Dataset
 from trainer.grid import (
     Candidate,
@@ -401,7 +401,7 @@ def prepare_round_zero(
     runner: Runner = run_sequential,
     on_candidate: Callable[[Candidate], None] = lambda c: None,
     keep_states: bool = False,
-    defense: str = "nnoculation",
+    defense: str = DEFAULT_DEFENSE,
 ) -> tuple[GridResult, Path]:
     """Validate, run the grid as round 0, then publish and activate the (badnet, goodnet)
     pair as a round of ``defense`` (a registered stack whose step this is)."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from core.defenses.policy import Policy
 from core.errors import UserError
-from core.pair import ModelPair
+from core.pair import ModelPair, SwapError
 
 PolicyFactory = Callable[[Mapping[str, Any]], Policy]  # a policy class: fitted values -> policy
 NAME = re.compile(r"^[a-z][a-z0-9-]*$")
@@ -29,7 +29,7 @@ class Defense:
     """One registered stack."""
 
     name: str
-    summary: str  # one line, shown by ``trainer defenses`` and /v1/models
+    summary: str  # one line, shown by ``trainer defenses``
     policy: PolicyFactory
     prepare: str | None = None  # a key of trainer.defenses.PREPARE_STEPS; None: the suspect
     repair: str | None = None  # a key of trainer.defenses.REPAIRERS; None: no repair rounds
@@ -80,4 +80,11 @@ def with_policy(pair: ModelPair) -> ModelPair:
     """``pair`` with the policy its round's defense names, built from the round's fitted
     values; an unknown defense is a clear error, so the round does not serve."""
     defense = get_defense(pair.defense.name)
-    return replace(pair, policy=defense.policy(pair.defense.params))
+    try:
+        policy = defense.policy(pair.defense.params)
+    except Exception as exc:  # a bad fitted value must not kill the follower's thread
+        raise SwapError(
+            f"round {pair.round}: defense {defense.name!r} cannot build its policy from the "
+            f"round's parameters ({type(exc).__name__}: {exc})"
+        ) from None
+    return replace(pair, policy=policy)

@@ -108,3 +108,10 @@ def test_a_pair_serves_its_rounds_policy_and_an_unknown_defense_does_not_load(la
     assert [d.badnet_label for d in decisions] == list(bad.predict(lab.triggered[:8]))
     with pytest.raises(UserError, match="unknown defense 'gone'"):
         with_policy(ModelPair(3, bad, good, RoundDefense("gone")))
+
+    def fussy(params: object) -> GoodNetPolicy:
+        raise KeyError("sigma")  # a round.json without the value the policy needs
+
+    register_defense(Defense("needs-sigma", "test-only", fussy))
+    with pytest.raises(SwapError, match="'needs-sigma' cannot build its policy .*KeyError"):
+        with_policy(ModelPair(3, bad, good, RoundDefense("needs-sigma")))

@@ -53,9 +53,18 @@ def test_the_repair_config_file_reaches_the_round_config(
     path.write_text("{not json")
     with pytest.raises(UserError, match="cannot read the repair config"):
         load_repair_config(path)
+    path.write_text('{"epochs": "20"}')
+    with pytest.raises(UserError, match="epochs must be <class 'int'>, got '20'"):
+        load_repair_config(path)
+    path.write_text('{"min_score": true}')
+    with pytest.raises(UserError, match="min_score must be"):
+        load_repair_config(path)
+    path.write_text('{"min_score": 0, "max_samples": null, "replay": false}')
+    cfg = load_repair_config(path)
+    assert cfg.min_score == 0 and cfg.max_samples is None and cfg.replay is False
 
 
-def test_the_old_policy_variable_is_refused_with_what_to_do(
+def test_the_old_policy_and_repair_variables_are_refused_with_what_to_do(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from core.errors import UserError
@@ -63,6 +72,12 @@ def test_the_old_policy_variable_is_refused_with_what_to_do(
 
     monkeypatch.setenv("BQG_POLICY", "reject")
     with pytest.raises(UserError, match="trainer prepare --defense"):
+        load_settings()
+    monkeypatch.delenv("BQG_POLICY")
+    monkeypatch.setenv("BQG_REPAIR_MIN_SCORE", "0")  # silently ignored, it would run at 0.99
+    with pytest.raises(
+        UserError, match="BQG_REPAIR_MIN_SCORE: repair hyperparameters .* BQG_REPAIR_CONFIG"
+    ):
         load_settings()
 
 

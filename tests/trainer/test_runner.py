@@ -61,11 +61,16 @@ class Plain:
             self.written.append(out)
             return {"plain_files": 1}
 
-        return Repaired(models, {"plain": True}, write)
+        metrics = {"gate_passed": True} if self.mode == "clash" else {"plain": True}
+        return Repaired(models, metrics, write)
 
 
 def run(
-    sessions: sessionmaker[Session], tmp_path: Path, repairer: Plain, cfg: RepairConfig = CFG
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    repairer: Plain,
+    cfg: RepairConfig = CFG,
+    round_no: int = 1,
 ) -> Any:
     seen: list[str] = []
 
@@ -76,7 +81,7 @@ def run(
     outcome = run_repair_round(
         sessions=sessions,
         store=tmp_path,
-        round_no=1,
+        round_no=round_no,
         valid=make_blobs(200, shape=(28, 28, 1), classes=4, seed=21),
         cfg=cfg,
         make_repairer=make,
@@ -125,7 +130,9 @@ def test_the_gate_rejects_under_the_rounds_policy_and_nothing_changes(
         assert list_rounds(session=s)[1].status == "rejected"
 
 
-def test_a_repairer_that_refuses_or_crashes_changes_nothing(tmp_path: Path, lab: Lab) -> None:
+def test_a_repairer_that_refuses_crashes_or_overwrites_the_verdict_changes_nothing(
+    tmp_path: Path, lab: Lab
+) -> None:
     sessions = lab_store(tmp_path, lab)
     quarantine_lab(sessions, lab, 20)
     with pytest.raises(UserError, match="refuses this round"):
@@ -134,9 +141,12 @@ def test_a_repairer_that_refuses_or_crashes_changes_nothing(tmp_path: Path, lab:
         assert [r.round for r in list_rounds(session=s)] == [0]  # refused before it existed
     with pytest.raises(RuntimeError, match="crashed"):
         run(sessions, tmp_path, Plain(CFG, "crash"))
+    with pytest.raises(ValueError, match=r"\['gate_passed'\] would overwrite"):
+        run(sessions, tmp_path, Plain(CFG, "clash"), round_no=2)
     with sessions() as s:
-        r1 = list_rounds(session=s)[1]
+        r1, r2 = list_rounds(session=s)[1:]
         assert r1.status == "failed" and "crashed" in (r1.error or "")
+        assert r2.status == "failed" and "gate_passed" in (r2.error or "")
         assert active_round(session=s).round == 0  # type: ignore[union-attr]
         assert pending_count(session=s) == 20
 

@@ -12,6 +12,7 @@ from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import open_store, session_factory
+from core.defenses import load_defense_modules
 from core.errors import UserError
 from core.settings import Settings, load_settings
 from trainer.data import Dataset, load_data
@@ -58,6 +59,7 @@ def _settings(db: str | None, store: Path | None) -> Settings:
         overrides["store"] = store
     settings = load_settings(**overrides)
     set_threads(settings.threads)
+    load_defense_modules(settings.defense_modules)  # rounds may name the operator's defenses
     return settings
 
 

@@ -1,7 +1,7 @@
 """The repair round's run hyperparameters: one dataclass, each field's help written once.
 
-``trainer retrain`` and ``trainer watch`` turn the fields listed in :data:`OPTIONS` into
-command-line options (``trainer.options``), with the help text below; the watcher under
+``trainer retrain`` and ``trainer watch`` turn the fields with help text into command-line
+options (``trainer.options``); the watcher under
 ``gateway serve`` reads the same fields from the JSON file ``BQG_REPAIR_CONFIG`` names.
 docs/DECISIONS.md gives the measurements behind each default.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ class RepairConfig:
     cyclegan: CycleGANConfig = field(default_factory=lambda: PRESETS[DEFAULT_PRESET])
     clean_images: int = option_field(500, "Clean validation images for the CycleGAN (domain A).")
     max_samples: int | None = option_field(
-        None, "Quarantined images a round uses (default: every one)."
+        None, "Quarantined images a round uses (None: every pending one)."
     )
     min_samples: int = option_field(
         1, "Refuse a round with fewer pending samples of the model's shape."
@@ -163,6 +164,22 @@ def load_repair_config(path: Path | None) -> RepairConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"{path}: unknown repair fields {unknown}; known: {sorted(known)}")
+    hints = typing.get_type_hints(RepairConfig)
+    for name, value in values.items():
+        if not _fits(value, hints[name]):
+            raise UserError(f"{path}: {name} must be {hints[name]}, got {value!r}")
     cfg = with_preset(RepairConfig(**values), preset)
     cfg.validate()
     return cfg
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's type (an int fits a float; a bool fits no number)."""
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None:
+        return type(None) in allowed
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and (int in allowed or float in allowed):
+        return True
+    return any(isinstance(value, t) for t in allowed if isinstance(t, type) and t is not bool)

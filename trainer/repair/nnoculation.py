@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import UserError
 from core.pair import ROLES, ModelPair
 from core.schema import RepairRound
 from trainer.cyclegan import train_cyclegan, translate
@@ -53,9 +54,15 @@ class CycleGANRepairer:
 
     def check(self, pair: ModelPair, sessions: sessionmaker[Session]) -> None:
         """Load the triggers earlier rounds learned, checked against their registered digest."""
-        if self.cfg.replay and pair.goodnet.path is not None:
-            active = pair.goodnet.path.parent
-            self.inherited = load_triggers(active, triggers_sha256(sessions, pair.round))
+        if not self.cfg.replay:
+            return
+        if pair.goodnet.path is None:
+            raise UserError(
+                f"round {pair.round}'s bundles were not loaded from a round directory, so its "
+                "learned triggers cannot be replayed; run with --no-replay"
+            )
+        active = pair.goodnet.path.parent
+        self.inherited = load_triggers(active, triggers_sha256(sessions, pair.round))
 
     def repair(self, ctx: RoundContext) -> Repaired:
         cfg, train = ctx.cfg, ctx.train
@@ -76,14 +83,14 @@ class CycleGANRepairer:
             parts[own_part] = np.r_[parts[own_part], end + np.arange(len(idx))]
             end += len(idx)
         treat_set = train.take(np.concatenate([np.arange(len(train)), *extra]))
-        own, trained = self._learn(ctx, groups, domain_a)
+        looks = cfg.transplant and cfg.treatment != "gan"  # "gan": gen_ab's copies alone
+        own, trained = self._learn(ctx, groups, domain_a, looks)
         triggers = self.inherited + own
         ctx.progress(
             f"round {ctx.round_no}: treating {cfg.views} views of {len(treat_set)} images "
             f"({len(treat_set) - len(train)} borderline ones twice) with {len(triggers)} "
             f"learned triggers ({len(self.inherited)} from earlier rounds)"
         )
-        looks = cfg.transplant and cfg.treatment != "gan"
         # an earlier round's stamped trigger has no generator: its stamps are all it has
         stamps = [t.stamps if looks or t.gen is None else [] for t in triggers]
         tune_set, treated = treat([t.gen for t in triggers], parts, treat_set, cfg, rng, stamps)
@@ -115,12 +122,15 @@ class CycleGANRepairer:
         return Repaired(models, metrics, lambda out: self._write(out, ctx, groups, own, triggers))
 
     def _learn(
-        self, ctx: RoundContext, groups: list[tuple[int | None, np.ndarray]], domain_a: np.ndarray
+        self,
+        ctx: RoundContext,
+        groups: list[tuple[int | None, np.ndarray]],
+        domain_a: np.ndarray,
+        looks: bool,
     ) -> tuple[list[LearnedTrigger], list[Any]]:
         """This round's triggers, one per group (stamps, or a CycleGAN's gen_ab), and the
-        CycleGANs trained for them."""
+        CycleGANs trained for them; ``looks``: search for stamps first."""
         cfg, n = ctx.cfg, ctx.round_no
-        looks = cfg.transplant and cfg.treatment != "gan"  # "gan": gen_ab's copies alone
         own, trained = [], []
         for label, images in groups:
             name = "" if label is None else f" (suspect label {label})"

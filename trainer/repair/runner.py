@@ -35,7 +35,7 @@ from torch import nn
 
 from core.bundle import Bundle, InputSpec, batched_logits, save_bundle
 from core.db import transaction
-from core.defenses import Policy, served_rates, with_policy
+from core.defenses import Policy, load_defense_modules, served_rates, with_policy
 from core.errors import DataError, UserError
 from core.pair import ROLES, ModelPair, load_pair
 from core.quarantine import active_round, finish_round, mark_consumed
@@ -51,7 +51,7 @@ from trainer.splits import check_validation, gate_split, split_record
 @dataclass
 class RepairOutcome:
     round: int
-    status: str  # succeeded, rejected or refused (a crash raises)
+    status: str  # succeeded or rejected (a crash raises; benchmarks add "refused")
     metrics: dict[str, Any]
     path: Path | None  # the round directory, when it succeeded
 
@@ -221,7 +221,7 @@ def _round_metrics(
         }
         for role in ROLES
     }
-    return {
+    metrics = {
         "defense": pair.defense.name,
         "base_round": pair.round,
         "samples": len(setup.ids),
@@ -232,8 +232,17 @@ def _round_metrics(
         "members": members,
         "clean_accuracy_served": gate_metrics["served clean accuracy"]["after"],
         "clean_accuracy_goodnet": members["goodnet"]["after"],
-        **repaired.metrics,
     }
+    _merge(metrics, repaired.metrics)
+    return metrics
+
+
+def _merge(metrics: dict[str, Any], more: dict[str, Any]) -> None:
+    """Add a repairer's metrics; it may not overwrite the runner's (the gate's verdict)."""
+    clash = sorted(set(metrics) & set(more))
+    if clash:
+        raise ValueError(f"the repairer's metrics {clash} would overwrite the round's own")
+    metrics.update(more)
 
 
 def _reject(
@@ -281,7 +290,7 @@ def _write(
                 "gate_split": reserved if held_out else None,
             },
         )
-    metrics.update(repaired.write(out))  # e.g. the learned triggers' digest, registered
+    _merge(metrics, repaired.write(out))  # e.g. the learned triggers' digest, registered
     (out / "report.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
 
@@ -305,7 +314,9 @@ def run_claimed_round(
     valid: Dataset,
     progress: Progress,
 ) -> RepairOutcome:
-    """A round ``owner`` has claimed in the store, with the store and trust of ``settings``."""
+    """A round ``owner`` has claimed in the store, with the store, trust and defense modules
+    of ``settings``."""
+    load_defense_modules(settings.defense_modules)
     return run_repair_round(
         sessions=sessions,
         store=settings.store,

@@ -33,7 +33,7 @@ def pending_quarantine(
     if len(images) < cfg.min_samples:
         raise UserError(
             f"{len(images)} quarantined samples of shape {shape} are pending; the round needs "
-            f"at least {cfg.min_samples} (use --force to run with fewer)"
+            f"at least {cfg.min_samples} (min_samples: --min-samples, or the BQG_REPAIR_CONFIG file)"
         )
     return ids, np.stack(images)
 
@@ -72,7 +72,8 @@ def confident(suspect: Bundle, images: np.ndarray, cfg: RepairConfig) -> np.ndar
         raise UserError(
             f"only {len(kept)} of {len(images)} quarantined images are answered by the suspect "
             f"with confidence >= {cfg.min_score:g}; the round needs {cfg.min_kept}. Wait for "
-            "more samples, or lower the filter (--min-score; 0 keeps every sample)"
+            "more samples, or lower min_score (--min-score, or the BQG_REPAIR_CONFIG file; 0 "
+            "keeps every sample)"
         )
     return kept
 
