@@ -42,12 +42,24 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
                 "round_seconds": {"before": b["round_seconds"], "after": a.get("round_seconds")},
             }
         )
-    same_setup = before["repair"] == after["repair"] and before["cyclegan"] == after["cyclegan"]
+    fields = {
+        part: {
+            "differ": sorted(
+                k for k in set(before[part]) & set(after[part]) if before[part][k] != after[part][k]
+            ),
+            "only_before": {k: before[part][k] for k in set(before[part]) - set(after[part])},
+            "only_after": {k: after[part][k] for k in set(after[part]) - set(before[part])},
+        }
+        for part in ("repair", "cyclegan")
+    }
+    # a field the refactor moved elsewhere (the policy, now the round's defense) may go;
+    # every field both runs have must agree
+    same_setup = not any(f["differ"] for f in fields.values())
     return {
         "provenance": provenance(),
         "before": before["provenance"],
         "after": after["provenance"],
-        "same_config": same_setup,
+        "config_fields": fields,
         "rows": rows,
         "checks": {
             "same_config": same_setup,
@@ -80,6 +92,14 @@ def render(data: dict[str, Any]) -> str:
             f"| {r['attack']} | {' | '.join(cells)} | {'yes' if r['identical'] else 'NO'} | "
             f"{s['before']:.0f} / {s['after'] or 0:.0f} |"
         )
+    moved = {k: v for f in data["config_fields"].values() for k, v in f["only_before"].items()}
+    added = {k: v for f in data["config_fields"].values() for k, v in f["only_after"].items()}
+    if moved or added:
+        lines += [
+            "",
+            f"Config fields only before: {moved or 'none'}; only after: {added or 'none'}. "
+            "Every field both runs have agrees.",
+        ]
     lines += ["", checks_line(data["checks"])]
     return "\n".join(lines)
 

@@ -35,6 +35,9 @@ def test_identical_rounds_pass_and_one_changed_digit_fails() -> None:
     assert "| patch | 120 / 120 | 89.34 / 89.34 |" in render(data)
     after["rows"][0]["round1_goodnet_asr"] = 0.0212
     assert not compare(RUN, after)["checks"]["round1_identical"]
+    after["repair"] = {"epochs": 20, "policy": "goodnet"}  # a field only one run has
+    assert compare(RUN, after)["checks"]["same_config"]
+    assert "only after: {'policy': 'goodnet'}" in render(compare(RUN, after))
     after["repair"] = {"epochs": 10}
     assert not compare(RUN, after)["checks"]["same_config"]
     assert not compare(RUN, {**after, "rows": []})["checks"]["round1_identical"]

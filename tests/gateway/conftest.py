@@ -92,3 +92,48 @@ def disagreeing_images(
                 found.append(img)
     x = np.stack(found[:n])
     return x, bad.predict(x), good.predict(x)
+
+
+Answer = tuple[float, int, dict[str, Any]]  # (monotonic time, probe index, response body)
+
+
+def under_load(
+    gw: Gateway,
+    probes: list[bytes],
+    *,
+    clients: int,
+    requests: int,
+    operator: Callable[[list[Answer]], Any],
+) -> tuple[list[Answer], list[str], Any]:
+    """``clients`` threads post PNG ``probes`` in turn, ``requests`` in all, while
+    ``operator(answers so far)`` runs beside them: (answers, failures, operator's result).
+    Any status but 200, and any exception, is a failure."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    answers: list[Answer] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def client(worker: int) -> None:
+        with httpx.Client(base_url=gw.url, timeout=30) as http:
+            for i in range(worker, requests, clients):
+                k = i % len(probes)
+                try:
+                    r = http.post(
+                        "/predict", content=probes[k], headers={"content-type": "image/png"}
+                    )
+                    assert r.status_code == 200, r.text
+                    with lock:
+                        answers.append((time.monotonic(), k, r.json()))
+                except Exception as exc:  # every failure counts, whatever it is
+                    with lock:
+                        failures.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.002)
+
+    with ThreadPoolExecutor(clients + 1) as pool:
+        op = pool.submit(operator, answers)
+        for f in [pool.submit(client, w) for w in range(clients)]:
+            f.result()
+        return answers, failures, op.result()

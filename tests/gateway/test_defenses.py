@@ -3,13 +3,10 @@ load without a failed request, and serves a defense registered in test code."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
@@ -19,7 +16,7 @@ from core.defenses import decide_batch
 from core.images import encode_png
 from core.pair import ModelPair, RoundDefense
 from core.quarantine import activate_round
-from tests.gateway.conftest import Gateway, Lab, publish_pair
+from tests.gateway.conftest import Gateway, Lab, publish_pair, under_load
 from tests.plugins.mirror_defense import MirrorCheckPolicy
 
 pytestmark = pytest.mark.integration
@@ -48,27 +45,8 @@ def test_a_swap_changes_the_defense_under_load_and_a_rollback_restores_it(
     probes = [encode_png(img) for img in images]
     good = np.concatenate([lab.good_labels[:20], lab.clean_labels[:20]])
     triggered = np.arange(len(images)) < 20
-    results: list[tuple[float, int, dict[str, Any]]] = []
-    failures: list[str] = []
-    lock = threading.Lock()
 
-    def client(worker: int) -> None:
-        with httpx.Client(base_url=gw.url, timeout=30) as http:
-            for i in range(worker, REQUESTS, CLIENTS):
-                k = i % len(probes)
-                try:
-                    r = http.post(
-                        "/predict", content=probes[k], headers={"content-type": "image/png"}
-                    )
-                    assert r.status_code == 200, r.text
-                    with lock:
-                        results.append((time.monotonic(), k, r.json()))
-                except Exception as exc:  # every failure counts, whatever it is
-                    with lock:
-                        failures.append(f"{type(exc).__name__}: {exc}")
-                time.sleep(0.002)
-
-    def operator() -> None:
+    def operator(results: list[Any]) -> None:
         while len(results) < REQUESTS // 3:
             time.sleep(0.01)
         activate(gw, 1)  # the reject rule, on the same models
@@ -76,12 +54,9 @@ def test_a_swap_changes_the_defense_under_load_and_a_rollback_restores_it(
             time.sleep(0.01)
         activate(gw, 0)  # a rollback restores the GoodNet policy
 
-    with ThreadPoolExecutor(CLIENTS + 1) as pool:
-        op = pool.submit(operator)
-        for f in [pool.submit(client, w) for w in range(CLIENTS)]:
-            f.result()
-        op.result()
-
+    results, failures, _ = under_load(
+        gw, probes, clients=CLIENTS, requests=REQUESTS, operator=operator
+    )
     assert failures == [] and len(results) == REQUESTS
     order = [body["round"] for _, _, body in sorted(results, key=lambda r: r[0])]
     assert 1 in order and order[-1] == 0  # it served round 1, then round 0 again

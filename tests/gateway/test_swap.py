@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,7 +15,7 @@ from core.bundle import WEIGHTS_NAME
 from core.db import transaction
 from core.images import encode_png
 from core.quarantine import activate_round
-from tests.gateway.conftest import Gateway, Lab, publish_pair
+from tests.gateway.conftest import Gateway, Lab, publish_pair, under_load
 
 pytestmark = pytest.mark.integration
 CLIENTS, REQUESTS = 8, 1200
@@ -37,42 +36,15 @@ def test_swaps_under_load_drop_nothing_and_never_mix(
             (int(g), int(b)) for b, g in zip(lab.bad_labels[:40], lab.good_labels[:40], strict=True)
         ],
     }
-    results: list[tuple[float, int, int, tuple[int, int]]] = []
-    failures: list[str] = []
-    lock = threading.Lock()
 
-    def client(worker: int) -> None:
-        with httpx.Client(base_url=gw.url, timeout=30) as http:
-            for i in range(worker, REQUESTS, CLIENTS):
-                k = i % len(probes)
-                try:
-                    r = http.post(
-                        "/predict", content=probes[k], headers={"content-type": "image/png"}
-                    )
-                    body = r.json()
-                    assert r.status_code == 200, r.text
-                    with lock:
-                        results.append(
-                            (
-                                time.monotonic(),
-                                k,
-                                body["round"],
-                                (body["models"]["badnet"], body["models"]["goodnet"]),
-                            )
-                        )
-                except Exception as exc:  # every failure counts, whatever it is
-                    with lock:
-                        failures.append(f"{type(exc).__name__}: {exc}")
-                time.sleep(0.002)
-
-    def operator() -> list[tuple[int, float]]:
+    def operator(answers: list[Any]) -> list[tuple[int, float]]:
         switches = []
-        while len(results) < REQUESTS // 3:
+        while len(answers) < REQUESTS // 3:
             time.sleep(0.01)
         with transaction(gw.sessions) as s:
             activate_round(session=s, round_no=1, activated_by="test")
         switches.append((1, time.monotonic()))
-        while len(results) < 2 * REQUESTS // 3:
+        while len(answers) < 2 * REQUESTS // 3:
             time.sleep(0.01)
         r = httpx.post(
             f"{gw.url}/admin/activate",
@@ -83,12 +55,13 @@ def test_swaps_under_load_drop_nothing_and_never_mix(
         switches.append((0, time.monotonic()))
         return switches
 
-    with ThreadPoolExecutor(CLIENTS + 1) as pool:
-        op = pool.submit(operator)
-        for f in [pool.submit(client, w) for w in range(CLIENTS)]:
-            f.result()
-        switches = op.result()
-
+    answers, failures, switches = under_load(
+        gw, probes, clients=CLIENTS, requests=REQUESTS, operator=operator
+    )
+    results = [
+        (t, k, body["round"], (body["models"]["badnet"], body["models"]["goodnet"]))
+        for t, k, body in answers
+    ]
     assert failures == []
     assert len(results) == REQUESTS
     for _, k, round_no, models in results:  # every answer is one round's pair, whole
