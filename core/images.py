@@ -42,8 +42,36 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES) -> NDArray[np.uint8]:
-    """PNG or JPEG bytes -> uint8 (H, W, C). Grey stays 1 channel; colour becomes 3."""
+class DecodeBudget:
+    """Decoded bytes one request may still spend: a request of many small compressed images
+    cannot unpack into gigabytes (issue 31)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.left = max_bytes
+        self.limit = max_bytes
+
+    def spend(self, nbytes: int) -> None:
+        if nbytes > self.left:
+            raise ImageError(
+                f"the request decodes to more than {self.limit} bytes of pixels; send fewer "
+                "or smaller images",
+                status=413,
+            )
+        self.left -= nbytes
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    expect: Sequence[int] | None = None,
+    budget: DecodeBudget | None = None,
+) -> NDArray[np.uint8]:
+    """PNG or JPEG bytes -> uint8 (H, W, C). Grey stays 1 channel; colour becomes 3.
+
+    The header is checked before any pixel is decoded: its size against ``expect`` (the
+    model's H, W, C) and ``budget``, because a 48 KB PNG can declare 4096x4096 pixels.
+    """
     if not data:
         raise ImageError("the image is empty; send PNG or JPEG bytes")
     if len(data) > max_bytes:
@@ -55,31 +83,73 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES) -> NDArray[np
         raise ImageError("the bytes are not a PNG or JPEG image")
     try:
         with Image.open(io.BytesIO(data), formats=[fmt]) as img:
+            channels = _channels(img.mode)
             if img.width * img.height > MAX_PIXELS:
                 raise ImageError(
                     f"the image is {img.width}x{img.height}; at most {MAX_PIXELS} pixels",
                     status=413,
                 )
+            if expect is not None:
+                _check_dims((img.height, img.width, channels), expect)
+            if budget is not None:
+                budget.spend(img.width * img.height * channels)
             img.load()
             return _to_array(img)
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        raise ImageError(f"the image declares more than {MAX_PIXELS} pixels", status=413) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"the {fmt} image is truncated or corrupt ({exc})") from None
 
 
+def _channels(mode: str) -> int:
+    if mode in ("1", "L", "LA"):
+        return 1
+    if mode in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr"):
+        return 3
+    raise ImageError(f"image mode {mode} is not supported; send 8-bit grey or RGB")
+
+
 def _to_array(img: Image.Image) -> NDArray[np.uint8]:
-    if img.mode in ("1", "L", "LA"):
+    if _channels(img.mode) == 1:
         return np.asarray(img.convert("L"), dtype=np.uint8)[:, :, None]
-    if img.mode in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr"):
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    raise ImageError(f"image mode {img.mode} is not supported; send 8-bit grey or RGB")
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def image_from_pixels(pixels: Any) -> NDArray[np.uint8]:
+def _check_leaves(pixels: Any, limit: int) -> None:
+    """Every leaf a JSON number (not a bool or a string), and at most ``limit`` of them.
+
+    Walked before numpy sees the lists, because numpy silently turns ``"255"`` and ``true``
+    into pixels and would allocate for any size."""
+    stack, seen = [pixels], 0
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+            seen += 1
+        elif isinstance(item, bool) or not isinstance(item, int | float):
+            raise ImageError(
+                f"pixels must be numbers in 0..255, not {type(item).__name__} ({str(item)[:20]!r})"
+            )
+        else:
+            seen += 1
+        if seen > limit:
+            raise ImageError(f"pixels hold more than {limit} values", status=413)
+
+
+def image_from_pixels(
+    pixels: Any, *, expect: Sequence[int] | None = None, budget: DecodeBudget | None = None
+) -> NDArray[np.uint8]:
     """Nested lists (H x W, or H x W x C) of numbers in 0..255 -> uint8 (H, W, C)."""
+    if not isinstance(pixels, list):
+        raise ImageError("pixels must be a nested list (H x W or H x W x C) of numbers")
+    limit = MAX_PIXELS if expect is None else 3 * int(np.prod(expect)) + 64  # values and lists
+    _check_leaves(pixels, limit)
     try:
         arr = np.asarray(pixels, dtype=np.float64)
+    except OverflowError:
+        raise ImageError("pixels hold a number too large; values must lie in 0..255") from None
     except (ValueError, TypeError):
         raise ImageError(
             "pixels must be a rectangular nested list of numbers (H x W or H x W x C)"
@@ -92,6 +162,10 @@ def image_from_pixels(pixels: Any) -> NDArray[np.uint8]:
         )
     if arr.size > MAX_PIXELS:
         raise ImageError(f"pixels hold {arr.size} values; at most {MAX_PIXELS}", status=413)
+    if expect is not None:
+        _check_dims(arr.shape, expect)
+    if budget is not None:
+        budget.spend(arr.size)
     if not np.isfinite(arr).all():
         raise ImageError("pixels contain NaN or infinity; use numbers in 0..255")
     if arr.min() < 0 or arr.max() > 255:
@@ -103,14 +177,18 @@ def image_from_pixels(pixels: Any) -> NDArray[np.uint8]:
 
 def check_shape(image: NDArray[np.uint8], expected: Sequence[int]) -> None:
     """Raise 400 unless ``image`` (H, W, C) has exactly the model's ``expected`` shape."""
+    _check_dims(image.shape, expected)
+
+
+def _check_dims(got: Sequence[int], expected: Sequence[int]) -> None:
     h, w, c = expected
-    if image.shape != (h, w, c):
-        got = "x".join(str(d) for d in image.shape)
+    if tuple(got) != (h, w, c):
+        shown = "x".join(str(d) for d in got)
         raise ImageError(
-            f"the image is {got} (HxWxC) but the model expects {h}x{w}x{c}"
+            f"the image is {shown} (HxWxC) but the model expects {h}x{w}x{c}"
             + (
                 f"; convert it to {'grey' if c == 1 else 'RGB'} first"
-                if image.shape[:2] == (h, w)
+                if tuple(got[:2]) == (h, w)
                 else ""
             )
         )

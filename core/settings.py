@@ -80,6 +80,17 @@ class Settings(BaseSettings):
     )
     model_name: str = Field(default="gateway", description="The name in /v1/models/{name}:predict.")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_decoded_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="Pixel bytes one request may decode to, over all its images.",
+    )
+    expose_members: bool = Field(
+        default=False,
+        description="Answer every client with each member's label ('models'); off: only "
+        "requests that send the admin token see them, since they tell an attacker which "
+        "inputs the second opinion catches.",
+    )
     poll_seconds: float = Field(
         default=1.0, gt=0, description="How often replicas read the active round."
     )

@@ -20,6 +20,8 @@ class GatewayArgs(BaseModel):
     admin_token: str | None = None
     model_name: str | None = None
     max_body_bytes: int | None = Field(default=None, ge=1024)
+    max_decoded_bytes: int | None = Field(default=None, ge=1024)
+    expose_members: bool | None = None
     poll_seconds: float | None = Field(default=None, gt=0)
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=1)
@@ -42,6 +44,8 @@ class GatewayArgs(BaseModel):
                 "admin_token": self.admin_token,
                 "model_name": self.model_name,
                 "max_body_bytes": self.max_body_bytes,
+                "max_decoded_bytes": self.max_decoded_bytes,
+                "expose_members": self.expose_members,
                 "poll_seconds": self.poll_seconds,
                 "defense_modules": self.defense_modules,
             }.items()

@@ -7,34 +7,30 @@ most the cap.
 """
 
 import asyncio
-import base64
-import binascii
 import hmac
-import json
 import logging
 import time
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from numpy.typing import NDArray
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.db import make_engine, session_factory, transaction
 from core.errors import ImageError
-from core.images import decode_image, image_from_pixels
 from core.quarantine import StoreInputError, activate_round
 from gateway.config import GatewayArgs
 from gateway.metrics import IngressMetrics
+from gateway.payloads import Spec, image_from_request, images_from_instances, read_body
 
 log = logging.getLogger(__name__)
-MAX_INSTANCES = 64
-IMAGE_TYPES = ("image/png", "image/jpeg")
+MAX_ADMIN_BODY = 1024
 
 
 class ModelAnswers(BaseModel):
@@ -51,7 +47,10 @@ class PredictResponse(BaseModel):
         description="True when BadNet and GoodNet disagree; the input was quarantined."
     )
     round: int = Field(description="The model round that answered.")
-    models: ModelAnswers | None = None
+    models: ModelAnswers | None = Field(
+        default=None,
+        description="Each member's label; null unless the request sends the admin token.",
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -59,7 +58,7 @@ class ErrorResponse(BaseModel):
 
 
 class ActivateRequest(BaseModel):
-    round: int = Field(ge=0)
+    round: int = Field(ge=0, le=2**31 - 1)
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -99,65 +98,6 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error(500, "internal error; the gateway logged it")
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refusing (413) as soon as it passes ``max_bytes``."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise ImageError(f"the body is {declared} bytes; the limit is {max_bytes}", status=413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ImageError(f"the body is over the limit of {max_bytes} bytes", status=413)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def image_from_json(value: Any, *, where: str = "body") -> NDArray[np.uint8]:
-    """``{"image": base64}``, ``{"b64": base64}`` (KServe) or ``{"pixels": [[...]]}``."""
-    if isinstance(value, list):
-        return image_from_pixels(value)
-    if not isinstance(value, dict):
-        raise ImageError(f"{where} must be an object with 'image' (base64 PNG/JPEG) or 'pixels'")
-    encoded = value.get("image", value.get("b64"))
-    if encoded is not None:
-        if not isinstance(encoded, str):
-            raise ImageError(f"{where}: 'image' must be a base64 string")
-        try:
-            raw = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            raise ImageError(f"{where}: 'image' is not valid base64") from None
-        return decode_image(raw)
-    if "pixels" in value:
-        return image_from_pixels(value["pixels"])
-    raise ImageError(
-        f"{where} needs 'image' (base64 PNG/JPEG) or 'pixels' (nested lists of 0..255)"
-    )
-
-
-def parse_json(body: bytes) -> Any:
-    if not body:
-        raise ImageError("the body is empty; send an image or JSON")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ImageError(f"the body is not valid JSON ({exc})") from None
-
-
-def image_from_request(content_type: str, body: bytes) -> NDArray[np.uint8]:
-    kind = content_type.split(";")[0].strip().lower()
-    if kind in IMAGE_TYPES:
-        return decode_image(body)
-    if kind == "application/json":
-        return image_from_json(parse_json(body))
-    if not kind:
-        raise ImageError("set Content-Type: image/png, image/jpeg or application/json", status=415)
-    raise ImageError(
-        f"Content-Type {kind} is not supported; use image/png, image/jpeg or application/json",
-        status=415,
-    )
-
-
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
@@ -166,23 +106,70 @@ class Ingress:
         self.settings = args.settings()
         self.metrics = IngressMetrics()
         self._sessions: Any = None
+        self._spec: Spec = None
+        self._spec_read = -float("inf")
 
-    async def _infer(self, image: NDArray[np.uint8]) -> dict[str, Any]:
+    async def _input_spec(self) -> Spec:
+        """The active round's (H, W, C), re-read once per poll interval, so that an image's
+        header is checked before it is decoded. None while no round serves (or the read fails):
+        then the generic caps bound the decode, and the ensemble answers."""
+        now = time.monotonic()
+        if now - self._spec_read >= self.settings.poll_seconds:
+            self._spec_read = now
+            try:
+                info = await self.ensemble.info.remote()
+                spec = info.get("input")
+                self._spec = (
+                    None if spec is None else (spec["height"], spec["width"], spec["channels"])
+                )
+            except Exception:  # a failed read keeps the last spec
+                log.warning("could not read the active round's input spec", exc_info=True)
+        return self._spec
+
+    async def _infer(self, image: NDArray[np.uint8], members: bool) -> dict[str, Any]:
         result: dict[str, Any] = await self.ensemble.infer.remote(image)
         if "error" in result:
             raise ImageError(result["error"], status=result["status"])
+        if not members:
+            result["models"] = None
         return result
 
     def _observe(self, route: str, start: float) -> None:
         self.metrics.latency.observe(time.perf_counter() - start, tags={"route": route})
+
+    def _admin_error(self, authorization: str | None) -> JSONResponse | None:
+        """None when ``authorization`` carries the admin token, else the answer to give."""
+        expected = self.settings.admin_token
+        if not expected:
+            return error(403, "the admin API is disabled: set BQG_ADMIN_TOKEN to enable it")
+        if not authorization or not authorization.startswith("Bearer "):
+            return error(401, "send Authorization: Bearer <admin token>")
+        if not hmac.compare_digest(
+            authorization.removeprefix("Bearer ").encode(), expected.encode()
+        ):
+            return error(403, "wrong admin token")
+        return None
+
+    def _members_visible(self, request: Request) -> bool:
+        """Each member's label is for operators: the admin token, or the debug setting."""
+        return self.settings.expose_members or (
+            self.settings.admin_token is not None
+            and self._admin_error(request.headers.get("authorization")) is None
+        )
 
     @api.post("/predict", response_model=PredictResponse, responses=ERRORS)
     async def predict(self, request: Request) -> dict[str, Any]:
         """One image: PNG/JPEG bytes, or JSON `{"image": base64}` / `{"pixels": [[...]]}`."""
         start = time.perf_counter()
         body = await read_body(request, self.settings.max_body_bytes)
-        image = image_from_request(request.headers.get("content-type", ""), body)
-        result = await self._infer(image)
+        image = await asyncio.to_thread(
+            image_from_request,
+            request.headers.get("content-type", ""),
+            body,
+            await self._input_spec(),
+            self.settings.max_decoded_bytes,
+        )
+        result = await self._infer(image, self._members_visible(request))
         self._observe("/predict", start)
         return result
 
@@ -194,18 +181,12 @@ class Ingress:
             return error(
                 404, f"unknown model {name!r}; this gateway serves {self.settings.model_name!r}"
             )  # type: ignore[return-value]
-        body = parse_json(await read_body(request, self.settings.max_body_bytes))
-        instances = body.get("instances") if isinstance(body, dict) else None
-        if not isinstance(instances, list) or not instances:
-            raise ImageError("the body needs a non-empty list 'instances'")
-        if len(instances) > MAX_INSTANCES:
-            raise ImageError(
-                f"{len(instances)} instances; at most {MAX_INSTANCES} per request", status=413
-            )
-        images = [
-            image_from_json(item, where=f"instances[{i}]") for i, item in enumerate(instances)
-        ]
-        predictions = await asyncio.gather(*(self._infer(image) for image in images))
+        body = await read_body(request, self.settings.max_body_bytes)
+        images = await asyncio.to_thread(
+            images_from_instances, body, await self._input_spec(), self.settings.max_decoded_bytes
+        )
+        members = self._members_visible(request)
+        predictions = await asyncio.gather(*(self._infer(image, members) for image in images))
         self._observe("/v1/models:predict", start)
         return {"predictions": predictions}
 
@@ -229,24 +210,35 @@ class Ingress:
     @api.post(
         "/admin/activate",
         responses={
+            400: {"model": ErrorResponse},
             401: {"model": ErrorResponse},
             403: {"model": ErrorResponse},
             409: {"model": ErrorResponse},
+            413: {"model": ErrorResponse},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ActivateRequest.model_json_schema()}},
+            }
         },
     )
-    async def activate(
-        self, body: ActivateRequest, authorization: str | None = Header(default=None)
-    ) -> Any:
-        """Make round K the active round (rollback or manual activation). Bearer token."""
-        expected = self.settings.admin_token
-        if not expected:
-            return error(403, "the admin API is disabled: set BQG_ADMIN_TOKEN to enable it")
-        if not authorization or not authorization.startswith("Bearer "):
-            return error(401, "send Authorization: Bearer <admin token>")
-        if not hmac.compare_digest(
-            authorization.removeprefix("Bearer ").encode(), expected.encode()
-        ):
-            return error(403, "wrong admin token")
+    async def activate(self, request: Request) -> Any:
+        """Make round K the active round (rollback or manual activation). Bearer token.
+
+        The token is checked before the body is read, and the body is capped at 1 KB: an
+        unauthenticated client costs no parsing."""
+        refused = self._admin_error(request.headers.get("authorization"))
+        if refused is not None:
+            return refused
+        raw = await read_body(request, MAX_ADMIN_BODY)
+        try:
+            body = ActivateRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+            )
+            return error(400, f'invalid request: {problems}; send {{"round": K}}')
         try:
             await asyncio.to_thread(self._activate, body.round)
         except StoreInputError as exc:

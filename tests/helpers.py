@@ -83,6 +83,8 @@ RAY_METRICS: dict[str, int] = {}
 
 
 SHAPE = (28, 28, 1)
+ADMIN_TOKEN = "s3cret-token"
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}  # operators see each member's label
 
 
 TARGET = 1

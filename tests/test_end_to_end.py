@@ -81,7 +81,7 @@ def test_the_watcher_repairs_and_the_gateway_swaps_while_serving(
         store=store,
     )
     serve.run(
-        build_app(GatewayArgs(db=url, store=str(store), poll_seconds=0.2)),
+        build_app(GatewayArgs(db=url, store=str(store), poll_seconds=0.2, expose_members=True)),
         name="e2e",
         route_prefix="/e2e",
     )

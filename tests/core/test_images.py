@@ -1,4 +1,6 @@
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from core.errors import ImageError
-from core.images import check_shape, decode_image, encode_png, image_from_pixels
+from core.images import DecodeBudget, check_shape, decode_image, encode_png, image_from_pixels
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -68,11 +70,61 @@ def test_pixels() -> None:
         ([[0.5, 1]], "whole numbers"),
         ([[1, 2], [3]], "rectangular"),
         ([1, 2, 3], "shape"),
-        ([[["a"]]], "rectangular"),
+        ([[["a"]]], "not str"),
         ([[[1, 2]]], "shape"),
+        ([["255", 0]], "not str"),
+        ([[True, 0]], "not bool"),
+        ([[None, 0]], "not NoneType"),
+        ([[10**400]], "too large"),
+        (7, "nested list"),
     ]:
-        with pytest.raises(ImageError, match=message):
+        with pytest.raises(ImageError, match=message) as info:
             image_from_pixels(bad)
+        assert info.value.status == 400
+
+
+def test_pixels_are_bounded_before_numpy_sees_them() -> None:
+    with pytest.raises(ImageError, match="more than") as info:
+        image_from_pixels([[0] * 28] * 100, expect=(28, 28, 1))
+    assert info.value.status == 413
+    with pytest.raises(ImageError, match="expects 28x28x1"):
+        image_from_pixels([[0] * 20] * 20, expect=(28, 28, 1))
+    assert image_from_pixels([[[0]] * 28] * 28, expect=(28, 28, 1)).shape == (28, 28, 1)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` grey pixels, with one row of data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (width + 1))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_the_header_is_checked_before_any_pixel_is_decoded() -> None:
+    for side in (5000, 65535):  # past our cap, and past Pillow's own bomb check
+        with pytest.raises(ImageError, match="pixels") as info:
+            decode_image(_png_header(side, side))
+        assert info.value.status == 413
+    with pytest.raises(ImageError, match="1000x1000x1 .* expects 28x28x1") as info:
+        decode_image(_png_header(1000, 1000), expect=(28, 28, 1))  # no IDAT: never decoded
+    assert info.value.status == 400
+
+
+def test_a_budget_caps_the_decoded_bytes_of_a_request() -> None:
+    budget = DecodeBudget(2000)
+    png = encode_png(np.zeros((28, 28, 1), np.uint8))
+    decode_image(png, budget=budget)
+    decode_image(png, budget=budget)
+    with pytest.raises(ImageError, match="more than 2000 bytes") as info:
+        decode_image(png, budget=budget)
+    assert info.value.status == 413
+    with pytest.raises(ImageError, match="more than 2000 bytes"):
+        image_from_pixels([[0] * 28] * 28, budget=budget)
 
 
 def test_check_shape_says_what_the_model_expects() -> None:

@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.bundle import load_bundle
 from core.db import open_store, session_factory
 from tests.helpers import (
+    ADMIN,
+    ADMIN_TOKEN,
     SHAPE,
     TARGET,
     Lab,
@@ -59,7 +61,7 @@ def gateway_factory(
         sessions = session_factory(open_store(db_url))
         publish_pair(sessions, store, 0, lab.badnet, lab.goodnet, activate=True, defense=defense)
         app_args = GatewayArgs(
-            db=db_url, store=str(store), poll_seconds=0.2, admin_token="s3cret-token", **args
+            db=db_url, store=str(store), poll_seconds=0.2, admin_token=ADMIN_TOKEN, **args
         )
         serve.run(build_app(app_args), name=name, route_prefix=f"/{name}")
         names.append(name)
@@ -122,7 +124,9 @@ def under_load(
                 k = i % len(probes)
                 try:
                     r = http.post(
-                        "/predict", content=probes[k], headers={"content-type": "image/png"}
+                        "/predict",
+                        content=probes[k],
+                        headers={"content-type": "image/png", **ADMIN},
                     )
                     assert r.status_code == 200, r.text
                     with lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -18,6 +19,7 @@ from core.images import encode_png
 from core.quarantine import pending_count
 from core.schema import QuarantineSample
 from tests.gateway.conftest import Gateway, Lab
+from tests.helpers import ADMIN
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +38,10 @@ def _png(img: np.ndarray) -> bytes:
     return encode_png(img)
 
 
-def _post_png(gw: Gateway, img: np.ndarray) -> dict:
-    r = gw.client.post("/predict", content=_png(img), headers={"content-type": "image/png"})
+def _post_png(gw: Gateway, img: np.ndarray, **headers: str) -> dict:
+    r = gw.client.post(
+        "/predict", content=_png(img), headers={"content-type": "image/png", **headers}
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -57,7 +61,7 @@ def _flush(gw: Gateway) -> None:
 
 def test_goodnet_policy_answers_and_quarantines_only_disagreements(gw: Gateway, lab: Lab) -> None:
     for img, label in zip(lab.clean[:20], lab.clean_labels[:20], strict=True):
-        body = _post_png(gw, img)
+        body = _post_png(gw, img, **ADMIN)
         assert body == {
             "label": int(label),
             "class_name": str(label),
@@ -70,7 +74,7 @@ def test_goodnet_policy_answers_and_quarantines_only_disagreements(gw: Gateway, 
     for img, bad, good in zip(
         lab.triggered[:15], lab.bad_labels[:15], lab.good_labels[:15], strict=True
     ):
-        body = _post_png(gw, img)
+        body = _post_png(gw, img, **ADMIN)
         assert body["suspect"] is True and body["label"] == int(good) and body["round"] == 0
         assert body["models"] == {"badnet": int(bad), "goodnet": int(good)}
     _flush(gw)
@@ -85,6 +89,8 @@ def test_goodnet_policy_answers_and_quarantines_only_disagreements(gw: Gateway, 
             row.hit_count,
         ) == (int(bad), int(good), 0, "goodnet", 1)
         assert 0 < row.badnet_score <= 1 and row.consumed_by_round is None
+    # an ordinary client learns the answer, not which member said what
+    assert _post_png(gw, lab.clean[0])["models"] is None
 
 
 def test_reject_policy_withholds_the_label_of_suspects(gw_reject: Gateway, lab: Lab) -> None:
@@ -141,6 +147,17 @@ def _gif() -> bytes:
     return buf.getvalue()
 
 
+JSON = {"content-type": "application/json"}
+PNG = {"content-type": "image/png"}
+
+
+def _pixels(odd: object) -> list[list[object]]:
+    """28x28 pixels of 0 whose first value is ``odd``."""
+    rows: list[list[object]] = [[0] * 28 for _ in range(28)]
+    rows[0][0] = odd
+    return rows
+
+
 NAMED_CASES = {
     "truncated png": (
         dict(
@@ -180,12 +197,35 @@ NAMED_CASES = {
     "bad base64": (dict(json={"image": "not base64!!"}), 400, "not valid base64"),
     "nan pixels": (
         dict(
-            content=b'{"pixels": [[NaN, 1], [2, 3]]}', headers={"content-type": "application/json"}
+            content=json.dumps({"pixels": _pixels(float("nan"))}).encode(),
+            headers={"content-type": "application/json"},
         ),
         400,
         "NaN",
     ),
-    "out-of-range pixels": (dict(json={"pixels": [[0, 300], [2, 3]]}), 400, "0..255"),
+    "out-of-range pixels": (dict(json={"pixels": _pixels(300)}), 400, "0..255"),
+    "pixels as strings": (dict(json={"pixels": _pixels("255")}), 400, "not str"),
+    "pixels as booleans": (dict(json={"pixels": _pixels(True)}), 400, "not bool"),
+    "a 401-digit pixel": (
+        dict(content=b'{"pixels": [[1' + b"0" * 400 + b"]]}", headers=JSON),
+        400,
+        "too large",
+    ),
+    "a 10,000-digit integer": (
+        dict(content=b'{"pixels": [[' + b"9" * 10_000 + b"]]}", headers=JSON),
+        400,
+        "not valid JSON",
+    ),
+    "JSON nested 5,000 deep": (
+        dict(content=b'{"pixels": ' + b"[" * 5000 + b"]" * 5000 + b"}", headers=JSON),
+        400,
+        "nested too deeply",
+    ),
+    "a 4096x4096 PNG": (
+        dict(content=encode_png(np.zeros((4096, 4096, 1), np.uint8)), headers=PNG),
+        400,
+        "4096x4096x1 (HxWxC) but the model expects 28x28x1",
+    ),
     "broken json": (
         dict(content=b'{"pixels": [[', headers={"content-type": "application/json"}),
         400,
@@ -209,22 +249,34 @@ def test_kserve_and_admin_errors(gw: Gateway) -> None:
     r = gw.client.post("/v1/models/gateway:predict", json={"instances": []})
     assert r.status_code == 400 and "instances" in r.json()["error"]
     r = gw.client.post(
-        "/v1/models/gateway:predict", json={"instances": [{"pixels": [[1]]}, {"image": 5}]}
+        "/v1/models/gateway:predict",
+        json={"instances": [{"pixels": [[1] * 28] * 28}, {"image": 5}]},
     )
     assert r.status_code == 400 and "instances[1]" in r.json()["error"]
+    r = gw.client.post("/v1/models/gateway:predict", json={"instances": [{"pixels": [[1]]}]})
+    assert r.status_code == 400 and "instances[0]: the image is 1x1x1" in r.json()["error"]
     assert gw.client.post("/admin/activate", json={"round": 0}).status_code == 401
     r = gw.client.post(
         "/admin/activate", json={"round": 0}, headers={"authorization": "Bearer nope"}
     )
     assert r.status_code == 403
-    r = gw.client.post(
-        "/admin/activate", json={"round": 7}, headers={"authorization": "Bearer s3cret-token"}
-    )
+    r = gw.client.post("/admin/activate", json={"round": 7}, headers=ADMIN)
     assert r.status_code == 409 and "round 7 does not exist" in r.json()["error"]
-    r = gw.client.post(
-        "/admin/activate", json={"round": -1}, headers={"authorization": "Bearer s3cret-token"}
-    )
+    r = gw.client.post("/admin/activate", json={"round": -1}, headers=ADMIN)
     assert r.status_code == 400
+    huge = b'{"round": 0, "x": "' + b"a" * (30 * 1024 * 1024) + b'"}'
+    started = time.monotonic()
+    r = gw.client.post("/admin/activate", content=huge)  # no token: refused unread
+    assert r.status_code == 401
+    r = gw.client.post("/admin/activate", content=huge, headers=ADMIN)
+    assert r.status_code == 413 and "1024" in r.json()["error"]
+    assert time.monotonic() - started < 2
+    r = gw.client.post(
+        "/admin/activate", content=b'{"round": 1' + b"0" * 5000 + b"}", headers=ADMIN
+    )
+    assert r.status_code == 413
+    r = gw.client.post("/admin/activate", content=b'{"round": 99999999999}', headers=ADMIN)
+    assert r.status_code == 400 and "round" in r.json()["error"]
     assert gw.client.get("/nowhere").status_code == 404
 
 

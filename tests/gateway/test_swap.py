@@ -16,6 +16,7 @@ from core.db import transaction
 from core.images import encode_png
 from core.quarantine import activate_round
 from tests.gateway.conftest import Gateway, Lab, publish_pair, under_load
+from tests.helpers import ADMIN
 
 pytestmark = pytest.mark.integration
 CLIENTS, REQUESTS = 8, 1200
@@ -49,7 +50,7 @@ def test_swaps_under_load_drop_nothing_and_never_mix(
         r = httpx.post(
             f"{gw.url}/admin/activate",
             json={"round": 0},
-            headers={"authorization": "Bearer s3cret-token"},
+            headers=ADMIN,
         )
         assert r.status_code == 200, r.text
         switches.append((0, time.monotonic()))
