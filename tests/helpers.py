@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.bundle import InputSpec
@@ -77,6 +78,36 @@ def run_cli(
         cwd=cwd,
         timeout=300,
     )
+
+
+def call_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a console script's ``main`` in this process, as ``run_cli`` does in a new one:
+    the same exit status and streams, without a 4 s interpreter and torch start. For
+    commands that refuse or report; ``run_cli`` keeps the real entry point under test."""
+    import contextlib
+    import io
+    from importlib import import_module
+
+    mains = {"trainer": "trainer.cli", "gateway": "local.cli"}
+    main = import_module(mains[args[0]]).main
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_argv, saved_threads = dict(os.environ), sys.argv, torch.get_num_threads()
+    os.environ.update({"BQG_THREADS": "1", **(env or {})})
+    sys.argv = list(args)
+    code: int | str | None = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+        torch.set_num_threads(saved_threads)
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    return subprocess.CompletedProcess(list(args), status, out.getvalue(), err.getvalue())
 
 
 RAY_METRICS: dict[str, int] = {}

@@ -1,4 +1,5 @@
-"""The trainer CLI as a user runs it: real console scripts in subprocesses."""
+"""The trainer CLI as a user runs it: real console scripts in subprocesses where the entry
+point or the process matters, and ``call_cli`` (the same ``main``, in-process) for refusals."""
 
 import json
 import pickle
@@ -13,7 +14,7 @@ import torch
 from core.bundle import WEIGHTS_NAME, load_bundle
 from core.images import encode_png
 from core.nets import FashionCNN
-from tests.helpers import make_blobs, run_cli
+from tests.helpers import call_cli, make_blobs, run_cli
 from trainer.data import save_npz
 
 pytestmark = pytest.mark.integration
@@ -66,7 +67,7 @@ def test_fabricate_records_the_attack_and_evaluate_reads_it(
     assert meta["role"] == "badnet" and meta["attack"]["name"] == "patch"
     assert meta["attack"]["groups"][0]["triggers"][0]["size"] == 3
     assert meta["attack"]["poison_rate"] == 0.1 and meta["fit"]["epochs"] == 2
-    proc = run_cli(
+    proc = call_cli(
         "trainer", "evaluate", "--model", str(tiny_bundle), "--data", f"npz:{blobs_npz}", "--json"
     )
     assert proc.returncode == 0, proc.stderr
@@ -77,14 +78,14 @@ def test_fabricate_records_the_attack_and_evaluate_reads_it(
 
 def test_every_command_explains_itself() -> None:
     for command in ("fabricate", "evaluate", "import"):
-        proc = run_cli("trainer", command, "--help")
+        proc = call_cli("trainer", command, "--help")
         assert proc.returncode == 0 and "--db" in proc.stdout and "--store" in proc.stdout
     top = run_cli("trainer", "--help")
     assert all(c in top.stdout for c in ("fabricate", "evaluate", "import"))
 
 
 def test_missing_dataset_directory(tmp_path: Path) -> None:
-    proc = run_cli(
+    proc = call_cli(
         "trainer",
         "fabricate",
         "--out",
@@ -105,7 +106,7 @@ def test_missing_dataset_directory(tmp_path: Path) -> None:
 )
 def test_bad_npz(tmp_path: Path, arrays: dict[str, np.ndarray], fragment: str) -> None:
     np.savez(tmp_path / "bad.npz", **arrays)  # type: ignore[arg-type]
-    proc = run_cli(
+    proc = call_cli(
         "trainer",
         "fabricate",
         "--dataset",
@@ -129,7 +130,7 @@ def test_bad_npz(tmp_path: Path, arrays: dict[str, np.ndarray], fragment: str) -
 def test_bad_fabricate_arguments(
     tmp_path: Path, blobs_npz: Path, args: list[str], fragments: list[str]
 ) -> None:
-    proc = run_cli(
+    proc = call_cli(
         "trainer",
         "fabricate",
         "--dataset",
@@ -156,7 +157,7 @@ def test_corrupt_png_in_a_folder_dataset(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
         (tmp_path / name / "1.png").write_bytes(encode_png(np.zeros((8, 8, 1), np.uint8)))
     (tmp_path / "b" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00")
-    proc = run_cli(
+    proc = call_cli(
         "trainer", "fabricate", "--dataset", f"folder:{tmp_path}", "--out", str(tmp_path / "m")
     )
     assert_one_line_error(proc, "2.png", "truncated or corrupt")
@@ -166,7 +167,7 @@ def test_evaluate_refuses_data_of_the_wrong_shape_and_altered_bundles(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
     np.savez(tmp_path / "big.npz", x=np.zeros((3, 28, 28, 3), np.uint8), y=np.zeros(3, np.int64))
-    proc = run_cli(
+    proc = call_cli(
         "trainer", "evaluate", "--model", str(tiny_bundle), "--data", f"npz:{tmp_path / 'big.npz'}"
     )
     assert_one_line_error(proc, "images are 28x28x3 but the model expects 12x12x1")
@@ -177,7 +178,7 @@ def test_evaluate_refuses_data_of_the_wrong_shape_and_altered_bundles(
     data = bytearray((altered / WEIGHTS_NAME).read_bytes())
     data[-4] ^= 0x01
     (altered / WEIGHTS_NAME).write_bytes(bytes(data))
-    proc = run_cli(
+    proc = call_cli(
         "trainer", "evaluate", "--model", str(altered), "--data", f"npz:{tmp_path / 'big.npz'}"
     )
     assert_one_line_error(proc, "sha256", "refusing")
@@ -247,7 +248,7 @@ def test_import_wraps_a_state_dict_with_identical_outputs(tmp_path: Path) -> Non
     assert torch.equal(bundle.logits(x), expected)
     assert bundle.manifest.meta["provenance"]["created_by"] == "trainer import"
     # weights for another architecture: refused with the reason
-    proc = run_cli(
+    proc = call_cli(
         "trainer",
         "import",
         "--arch",
@@ -262,16 +263,16 @@ def test_import_wraps_a_state_dict_with_identical_outputs(tmp_path: Path) -> Non
 
 def test_prune_uses_the_db_flag_and_migrates_the_embedded_default(tmp_path: Path) -> None:
     db = tmp_path / "q.db"
-    proc = run_cli("trainer", "prune", "--older-than", "30", "--db", f"sqlite:///{db}")
+    proc = call_cli("trainer", "prune", "--older-than", "30", "--db", f"sqlite:///{db}")
     assert proc.returncode == 0, proc.stderr
     assert f"deleted 0 consumed samples older than 30 days from sqlite:///{db}" in proc.stdout
     assert db.exists()
-    proc = run_cli("trainer", "prune", "--older-than", "1", "--store", str(tmp_path / "store"))
+    proc = call_cli("trainer", "prune", "--older-than", "1", "--store", str(tmp_path / "store"))
     assert proc.returncode == 0 and (tmp_path / "store" / "quarantine.db").exists()
 
 
 def test_unreachable_database_is_one_line_without_the_password() -> None:
-    proc = run_cli(
+    proc = call_cli(
         "trainer",
         "prune",
         "--older-than",
@@ -281,5 +282,5 @@ def test_unreachable_database_is_one_line_without_the_password() -> None:
     )
     assert_one_line_error(proc, "cannot reach database postgresql+psycopg://bob:***@127.0.0.1:1/q")
     assert "hunter2" not in proc.stderr
-    proc = run_cli("trainer", "prune", "--older-than", "1", "--db", "sqlite//nope")
+    proc = call_cli("trainer", "prune", "--older-than", "1", "--db", "sqlite//nope")
     assert_one_line_error(proc, "malformed database URL")

@@ -20,6 +20,7 @@ from tests.helpers import (
     SHAPE,
     TINY_REPAIR,
     Lab,
+    call_cli,
     free_port,
     make_blobs,
     publish_pair,
@@ -168,28 +169,28 @@ def test_stopping_the_watcher_mid_round_fails_the_round_at_once(
 def test_status_rollback_and_retrain_refusals(tmp_path: Path, lab: Lab) -> None:
     settings, sessions = _setup(tmp_path, lab, 3)
     env = {"BQG_STORE": str(tmp_path), "BQG_DB": settings.db_url, "BQG_VALID": settings.valid}
-    r = run_cli("trainer", "retrain", "--round", "1", env=env)
+    r = run_cli("trainer", "retrain", "--round", "1", env=env)  # the real entry point once
     assert r.returncode == 2 and "3 samples are pending, fewer than N = 200" in r.stderr
     assert "--force" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("trainer", "retrain", "--round", "0", env=env)
+    r = call_cli("trainer", "retrain", "--round", "0", env=env)
     assert r.returncode == 2 and "repair rounds are 1 or more" in r.stderr
-    r = run_cli("trainer", "rollback", "--round", "7", env=env)
+    r = call_cli("trainer", "rollback", "--round", "7", env=env)
     assert r.returncode == 2 and "round 7 does not exist" in r.stderr
-    r = run_cli("trainer", "watch", "--threshold", "0", env=env)
+    r = call_cli("trainer", "watch", "--threshold", "0", env=env)
     assert r.returncode == 2 and "N must be at least 1" in r.stderr
-    r = run_cli("trainer", "retrain", "--round", "1", "--quarantine-views", "-1", env=env)
+    r = call_cli("trainer", "retrain", "--round", "1", "--quarantine-views", "-1", env=env)
     assert r.returncode == 2 and "quarantine_views must be 0 or more, got -1" in r.stderr
-    r = run_cli("trainer", "retrain", "--round", "1", "--pixel-curve", "9", env=env)
+    r = call_cli("trainer", "retrain", "--round", "1", "--pixel-curve", "9", env=env)
     assert r.returncode == 2 and "pixel_curve must lie in 0..5" in r.stderr
-    r = run_cli("trainer", "retrain", "--round", "1", "--borderline", "-3", env=env)
+    r = call_cli("trainer", "retrain", "--round", "1", "--borderline", "-3", env=env)
     assert r.returncode == 2 and "borderline must be 0 or more images, got -3" in r.stderr
     bad = tmp_path / "repair.json"
     bad.write_text('{"quarantine_views": -1}')
-    r = run_cli(
+    r = call_cli(
         "trainer", "retrain", "--round", "1", "--force", env={**env, "BQG_REPAIR_CONFIG": str(bad)}
     )
     assert r.returncode == 2 and "quarantine_views must be 0 or more, got -1" in r.stderr
-    r = run_cli("trainer", "status", env={**env, "BQG_POLICY": "reject"})
+    r = call_cli("trainer", "status", env={**env, "BQG_POLICY": "reject"})
     assert r.returncode == 2 and "trainer prepare --defense" in r.stderr
     assert "Traceback" not in r.stderr
     with transaction(sessions) as s:  # a failed round 1
@@ -197,21 +198,22 @@ def test_status_rollback_and_retrain_refusals(tmp_path: Path, lab: Lab) -> None:
 
         open_round(session=s, round_no=1)
         fail_round(session=s, round_no=1, error="killed")
-    r = run_cli("trainer", "rollback", "--round", "1", env=env)
+    r = call_cli("trainer", "rollback", "--round", "1", env=env)
     assert r.returncode == 2 and "round 1 is failed; only a succeeded round" in r.stderr
-    r = run_cli("trainer", "retrain", "--round", "1", "--force", env=env)
+    r = call_cli("trainer", "retrain", "--round", "1", "--force", env=env)
     assert r.returncode == 2 and "round 1 already exists (failed)" in r.stderr
-    r = run_cli("trainer", "status", env=env)
+    r = call_cli("trainer", "status", env=env)
     assert r.returncode == 0
     assert "killed" in r.stdout and "pending quarantined samples: 3" in r.stdout
     empty = {**env, "BQG_DB": f"sqlite:///{tmp_path / 'empty.db'}"}
-    r = run_cli("trainer", "retrain", "--round", "1", "--force", env=empty)
+    r = call_cli("trainer", "retrain", "--round", "1", "--force", env=empty)
     assert r.returncode == 2 and "no round is active" in r.stderr
 
 
 def test_retrain_runs_a_round_and_rollback_returns_to_round_zero(tmp_path: Path, lab: Lab) -> None:
     settings, sessions = _setup(tmp_path, lab, 12)
-    (tmp_path / "repair.json").write_text('{"preset": "tiny"}')  # the watcher's file, too
+    # the watcher's file, too; short, as the CLI path is under test here, not the recipe
+    (tmp_path / "repair.json").write_text('{"preset": "tiny", "epochs": 2, "clean_images": 64}')
     env = {
         "BQG_STORE": str(tmp_path),
         "BQG_DB": settings.db_url,
