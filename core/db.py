@@ -10,6 +10,7 @@ Build engines at the process edge with :func:`open_store`; nothing here runs at 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,12 +31,19 @@ class StoreError(UserError):
     """The database URL is malformed, or the database cannot be reached or migrated."""
 
 
+def mask_password(text: str) -> str:
+    """``text`` with anything between ``user:`` and ``@`` masked: for URLs too malformed
+    for SQLAlchemy to parse, which would otherwise be echoed whole."""
+    return re.sub(r"(//[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+
+
 def parse_url(url: str) -> URL:
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise StoreError(
-            f"malformed database URL {url!r}; expected e.g. sqlite:///var/store/quarantine.db "
+            f"malformed database URL {mask_password(url)!r}; expected e.g. "
+            "sqlite:///var/store/quarantine.db "
             "or postgresql+psycopg://user:password@host:5432/dbname"
         ) from None
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
@@ -49,8 +57,8 @@ def safe_url(url: str | URL) -> str:
     """The URL with its password masked, for messages and logs."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<malformed URL>"
+    except (ArgumentError, ValueError):
+        return mask_password(str(url))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -7,6 +7,7 @@ rebuild it: ``in_channels``, ``num_classes``, ``height``, ``width``, plus its ow
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -170,3 +171,22 @@ def build_model(
         return cls(**arch_kwargs)
     except TypeError as exc:
         raise BundleError(f"arch {arch!r} does not accept {sorted(arch_kwargs)}: {exc}") from None
+
+
+def accepted_kwargs(arch: str, offered: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``offered`` that ``arch``'s constructor takes by name (all of it when the
+    constructor takes ``**kwargs``): most user models take ``num_classes`` but not the
+    input's ``height`` and ``width``, which the bundle's input spec records anyway."""
+    cls = resolve_arch(arch)
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):  # no introspectable signature: offer everything
+        return dict(offered)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(offered)
+    names = {
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return {k: v for k, v in offered.items() if k in names}

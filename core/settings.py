@@ -7,16 +7,21 @@ code that uses them, and are saved with the bundles they produce.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, BeforeValidator, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
+from core.db import mask_password
 from core.errors import UserError
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+PLACEHOLDER_SECRETS = frozenset({"change-me", "changeme", "password", "secret", "admin"})
 # Hyperparameters that were settings until they became RepairConfig fields (docs/DECISIONS.md).
 REMOVED_REPAIR_VARIABLES = (
     "BQG_REPAIR_PRESET",
@@ -25,6 +30,23 @@ REMOVED_REPAIR_VARIABLES = (
     "BQG_REPAIR_PIXEL_CURVE",
     "BQG_REPAIR_BORDERLINE",
 )
+
+
+def _split_list(value: Any) -> Any:
+    """``a,b`` or ``["a", "b"]`` from the environment; lists pass through."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                raise ValueError('not a JSON list; write a,b or ["a", "b"]') from None
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+# Module names, from the environment as ``a,b`` (or a JSON list)
+ModuleList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
 
 
 class Settings(BaseSettings):
@@ -52,7 +74,7 @@ class Settings(BaseSettings):
         ge=1,
         description="CPU threads torch may use for training and inference.",
     )
-    trusted_arch_modules: list[str] = Field(
+    trusted_arch_modules: ModuleList = Field(
         default_factory=list,
         description=(
             "Python modules that bundles may name in `arch` as `module:Class`. A bundle comes "
@@ -60,7 +82,7 @@ class Settings(BaseSettings):
         ),
     )
 
-    defense_modules: list[str] = Field(
+    defense_modules: ModuleList = Field(
         default_factory=list,
         description=(
             "Python modules imported at start-up that register more defenses "
@@ -123,6 +145,25 @@ class Settings(BaseSettings):
         default=300.0, ge=0, description="Wait after a rejected or failed round before the next."
     )
 
+    @field_validator("db", "admin_token")
+    @classmethod
+    def _no_placeholder(cls, value: str | None) -> str | None:
+        """Refuse the example files' placeholder secrets: a deployment that keeps one is
+        open to anyone who has read the example."""
+        if value is None:
+            return value
+        secret = value
+        if "://" in value:
+            try:
+                secret = make_url(value).password or ""
+            except (ArgumentError, ValueError):
+                return value  # core.db says what is malformed, with the password masked
+        if secret.lower() in PLACEHOLDER_SECRETS:
+            raise ValueError(
+                f"uses the placeholder secret {secret!r}; set a password or token of your own"
+            )
+        return value
+
     @property
     def spool_dir(self) -> Path:
         return self.store / "spool"
@@ -152,8 +193,21 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         problems = "; ".join(
-            f"BQG_{'_'.join(str(part) for part in err['loc']).upper()}={err.get('input')!r}: "
-            f"{err['msg'].lower()}"
+            f"{_variable(err['loc'])}="
+            f"{_shown(err['loc'], err.get('input'))}: {err['msg'].lower()}"
             for err in exc.errors()
         )
         raise UserError(f"bad setting: {problems}") from None
+
+
+def _variable(loc: tuple[Any, ...]) -> str:
+    """The environment variable behind an error's location (an alias is one already)."""
+    name = "_".join(str(part) for part in loc)
+    return name if name.isupper() else f"BQG_{name.upper()}"
+
+
+def _shown(loc: tuple[Any, ...], value: Any) -> str:
+    """A bad value as a message may show it: never a token, a URL's password masked."""
+    if loc and loc[0] == "admin_token":
+        return "'***'"
+    return mask_password(repr(value))

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from core.bundle import InputSpec, Manifest, file_sha256, load_state, save_bundle
 from core.errors import BundleError, UserError
-from core.nets import build_model
+from core.nets import accepted_kwargs, build_model
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 
@@ -76,13 +76,14 @@ def import_weights(
     overwrite: bool = False,
 ) -> Manifest:
     state = read_state_dict(weights)
-    kwargs = {
+    standard = {
         "in_channels": input_spec.channels,
         "num_classes": len(class_names),
         "height": input_spec.height,
         "width": input_spec.width,
-        **(arch_kwargs or {}),
     }
+    # the operator's own --arch-kwarg values always go in; the standard ones where accepted
+    kwargs = {**accepted_kwargs(arch, standard), **(arch_kwargs or {})}
     model = build_model(arch, kwargs)  # the operator names this arch on purpose: trusted
     load_state(model, state, source=str(weights))
     meta = {

@@ -94,3 +94,41 @@ def test_a_bad_setting_is_a_user_error_naming_the_variable(
     message = str(caught.value)
     assert "BQG_POLL_SECONDS='-1': input should be greater than 0" in message
     assert "BQG_THREADS='many'" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("mypkg", ["mypkg"]), ("mypkg, other ,", ["mypkg", "other"]), ('["a.b", "c"]', ["a.b", "c"])],
+)
+def test_list_settings_take_commas_or_json(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: list[str]
+) -> None:
+    from core.settings import load_settings
+
+    monkeypatch.setenv("BQG_TRUSTED_ARCH_MODULES", value)
+    monkeypatch.setenv("BQG_DEFENSE_MODULES", value)
+    settings = load_settings()
+    assert settings.trusted_arch_modules == expected == settings.defense_modules
+
+
+def test_placeholder_secrets_are_refused_and_no_message_shows_a_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from core.errors import UserError
+    from core.settings import load_settings
+
+    monkeypatch.setenv("BQG_DB", "postgresql+psycopg://bqg:change-me@db:5432/q")
+    with pytest.raises(UserError, match=r"BQG_DB='postgresql\+psycopg://bqg:\*\*\*@db:5432/q'"):
+        load_settings()
+    monkeypatch.delenv("BQG_DB")
+    monkeypatch.setenv("BQG_ADMIN_TOKEN", "Change-Me")
+    with pytest.raises(UserError, match=r"BQG_ADMIN_TOKEN='\*\*\*'.*placeholder"):
+        load_settings()
+    monkeypatch.setenv("BQG_ADMIN_TOKEN", "a-real-token-3f9c")
+    monkeypatch.setenv("BQG_DB", "postgresql+psycopg://bob:hunter2@db:notaport/q")
+    settings = load_settings()  # the URL is checked where it is opened
+    from core.db import StoreError, open_store
+
+    with pytest.raises(StoreError) as caught:
+        open_store(settings.db_url)
+    assert "hunter2" not in str(caught.value) and "bob:***@db:notaport" in str(caught.value)

@@ -284,3 +284,43 @@ def test_unreachable_database_is_one_line_without_the_password() -> None:
     assert "hunter2" not in proc.stderr
     proc = call_cli("trainer", "prune", "--older-than", "1", "--db", "sqlite//nope")
     assert_one_line_error(proc, "malformed database URL")
+
+
+USER_MODEL = '''
+import torch
+from torch import nn
+
+
+class MyNet(nn.Module):
+    """A user's model: its constructor takes the class count and nothing about the input."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+'''
+
+
+def test_import_passes_a_user_class_only_the_arguments_it_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "user_models_for_test.py").write_text(USER_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from user_models_for_test import MyNet  # type: ignore[import-not-found]
+
+    torch.manual_seed(0)
+    model = MyNet(num_classes=10).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    arch = "user_models_for_test:MyNet"
+    proc = call_cli(
+        "trainer", "import", "--arch", arch, "--weights", str(tmp_path / "w.pt"),
+        "--out", str(tmp_path / "b"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    bundle = load_bundle(tmp_path / "b", trusted_modules=["user_models_for_test"])
+    assert bundle.manifest.arch_kwargs == {"num_classes": 10}  # recorded: what it was given
+    x = np.random.default_rng(0).integers(0, 256, size=(4, 28, 28, 1), dtype=np.uint8)
+    with torch.no_grad():
+        assert torch.equal(bundle.logits(x), model(bundle.manifest.input.to_tensor(x)))
