@@ -261,10 +261,11 @@ def run(count: int) -> dict[str, Any]:
         store = Path(tmp)
         db_url = f"sqlite:///{store / 'q.db'}"
         image = _round_zero(store, db_url)
+        os.environ["BQG_ADMIN_TOKEN"] = "hostile-bench-token"  # the replicas inherit it
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         port = 8766
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = GatewayArgs(db=db_url, store=str(store), admin_token="hostile-bench-token")
+        args = GatewayArgs(db=db_url, store=str(store))
         serve.run(build_app(args), name=NAME, route_prefix=f"/{NAME}")
         url = f"http://127.0.0.1:{port}/{NAME}"
         body = encode_png(image)

@@ -1,15 +1,18 @@
 """The gateway app's arguments: what ``build_app`` takes from serve.yaml or ``gateway serve``.
 
 Validated by pydantic (never a bare dict); every field defaults from :class:`Settings`.
+No secret is an argument: Ray shows deployment arguments to anyone who can read the
+cluster's state, so the admin token and a database password come from the replicas'
+environment (``BQG_ADMIN_TOKEN``, ``BQG_DB``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.settings import Settings, load_settings
+from core.settings import Settings, has_password, load_settings
 
 
 class GatewayArgs(BaseModel):
@@ -17,7 +20,6 @@ class GatewayArgs(BaseModel):
 
     db: str | None = Field(default=None, description="Database URL; default from settings.")
     store: str | None = Field(default=None, description="Store directory; default from settings.")
-    admin_token: str | None = None
     model_name: str | None = None
     max_body_bytes: int | None = Field(default=None, ge=1024)
     max_decoded_bytes: int | None = Field(default=None, ge=1024)
@@ -34,6 +36,27 @@ class GatewayArgs(BaseModel):
         default=False, description="Benchmark baseline: serve the goodnet alone."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_token(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "admin_token" in data:
+            raise ValueError(
+                "admin_token is a secret and not an app argument (Ray shows those to anyone "
+                "who can reach it): set BQG_ADMIN_TOKEN in the gateway's environment"
+            )
+        return data
+
+    @field_validator("db")
+    @classmethod
+    def _no_password(cls, value: str | None) -> str | None:
+        if has_password(value):
+            raise ValueError(
+                "a database URL with a password is a secret and not an app argument (Ray "
+                "shows those to anyone who can reach it): set BQG_DB, or libpq's PGPASSWORD, "
+                "in the replicas' environment"
+            )
+        return value
+
     def settings(self) -> Settings:
         """Settings with this app's overrides applied."""
         overrides: dict[str, Any] = {
@@ -41,7 +64,6 @@ class GatewayArgs(BaseModel):
             for k, v in {
                 "db": self.db,
                 "store": self.store,
-                "admin_token": self.admin_token,
                 "model_name": self.model_name,
                 "max_body_bytes": self.max_body_bytes,
                 "max_decoded_bytes": self.max_decoded_bytes,

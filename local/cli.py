@@ -21,7 +21,7 @@ import yaml
 
 from core.db import open_store, safe_url, session_factory
 from core.errors import UserError
-from core.settings import Settings, load_settings
+from core.settings import Settings, has_password, load_settings
 from gateway.config import GatewayArgs
 
 app = typer.Typer(
@@ -80,6 +80,9 @@ def serve_cmd(
 ) -> None:
     """Start a local Ray, deploy the gateway, print its URLs, serve until Ctrl-C."""
     http, raw_args = read_config(config) if config.exists() else ({}, {})
+    if db is not None and has_password(db):
+        os.environ["BQG_DB"] = db  # Ray's processes inherit it; never an actor argument
+        db = None
     overrides = {k: v for k, v in {"db": db, "store": str(store) if store else None}.items() if v}
     try:
         args = GatewayArgs(**{**raw_args, **overrides})
@@ -163,7 +166,7 @@ def local_gateway(
     Yields the watcher actor handle, or None without ``watch``. ``quiet`` keeps the
     replicas' logs (and Serve's access log) in Ray's log files, off the terminal.
     """
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray makes the local cluster a token
 
     import ray
     from ray import serve

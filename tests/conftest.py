@@ -12,10 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from sqlalchemy.engine import make_url
 
 from core.bundle import load_bundle
 from core.settings import Settings
 from tests.helpers import (
+    ADMIN_TOKEN,
     RAY_METRICS,
     SHAPE,
     TARGET,
@@ -23,6 +25,7 @@ from tests.helpers import (
     free_port,
     make_blobs,
 )
+from tests.store_helpers import POSTGRES_URL
 from trainer.attacks.poison import build_attack
 from trainer.data import Dataset
 from trainer.lab import CLEAN, fabricate
@@ -54,6 +57,12 @@ def ray_session() -> Iterator[Any]:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     RAY_METRICS["port"] = free_port()
+    # The replicas read the admin token from their environment, which Ray's processes
+    # inherit from this one at start; the tests' own environment stays without it.
+    saved = dict(os.environ)
+    os.environ["BQG_ADMIN_TOKEN"] = ADMIN_TOKEN
+    # libpq's own variable: app arguments name the PostgreSQL URL without its password
+    os.environ["PGPASSWORD"] = make_url(POSTGRES_URL).password or ""
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -62,6 +71,8 @@ def ray_session() -> Iterator[Any]:
         _metrics_export_port=RAY_METRICS["port"],
         _system_config={"metrics_report_interval_ms": 1000},  # Prometheus tests wait less
     )
+    os.environ.clear()
+    os.environ.update(saved)
     yield ray
     ray.shutdown()
 

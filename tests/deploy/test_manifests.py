@@ -152,7 +152,8 @@ def test_grafana_provisioning_matches_the_compose_mounts(compose: dict[str, Any]
     assert (DEPLOY / "grafana" / "dashboards" / Path(home).name).exists()
     (source,) = _yaml(provisioning / "datasources" / "prometheus.yml")["datasources"]
     host, port = re.fullmatch(r"http://([\w-]+):(\d+)", source["url"]).groups()  # type: ignore[union-attr]
-    assert host in compose["services"] and f"{port}:{port}" in compose["services"][host]["ports"]
+    assert host in compose["services"]
+    assert any(p.endswith(f"{port}:{port}") for p in compose["services"][host]["ports"])
 
 
 def test_serve_configs_import_the_app_with_args_it_accepts(rayservice: dict[str, Any]) -> None:
@@ -210,3 +211,61 @@ def test_the_image_copies_every_package_the_distribution_installs() -> None:
     packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
     copied = set(re.findall(r"^COPY (\w+) \1$", (DEPLOY / "Dockerfile").read_text(), re.M))
     assert packages <= copied, f"deploy/Dockerfile does not copy {sorted(packages - copied)}"
+
+
+def _deploy_texts() -> dict[str, str]:
+    return {
+        str(p.relative_to(ROOT)): p.read_text()
+        for p in sorted(DEPLOY.rglob("*"))
+        if p.is_file() and p.suffix in ("", ".yaml", ".yml", ".example", ".json")
+    }
+
+
+def test_no_deploy_file_turns_ray_auth_off_or_opens_the_dashboard() -> None:
+    """Ray's token authentication on, its dashboard on localhost, in every deploy file."""
+    texts = _deploy_texts()
+    assert "deploy/Dockerfile" in texts and "deploy/compose.yaml" in texts
+    for name, text in texts.items():
+        for mode in re.findall(r"RAY_AUTH_MODE\W+(?:value:\s*)?(\w+)", text):
+            assert mode == "token", f"{name}: RAY_AUTH_MODE={mode}"
+        for host in re.findall(r"dashboard-host\W+([\d.]+)", text):
+            assert host == "127.0.0.1", f"{name}: the dashboard listens on {host}"
+        assert "--dashboard-host=0.0.0.0" not in text and "include-dashboard true" not in text
+
+
+def test_compose_publishes_only_the_gateway_and_asks_for_every_secret(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            if name != "gateway":
+                assert port.startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+    env = services["gateway"]["environment"]
+    assert env["RAY_AUTH_MODE"] == "token"
+    for secret in ("RAY_AUTH_TOKEN", "BQG_ADMIN_TOKEN"):
+        assert re.fullmatch(r"\$\{\w+:\?.+\}", env[secret]), f"{secret} must come from deploy/.env"
+    grafana = services["grafana"]
+    assert re.fullmatch(r"\$\{\w+:\?.+\}", grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"])
+    for name in ("grafana", "postgres"):  # each refuses a placeholder before it starts
+        assert "change-me" in " ".join(services[name]["entrypoint"]), name
+
+
+def test_the_image_runs_as_a_user_and_no_secret_is_written_down(
+    rayservice: dict[str, Any],
+) -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert users and users[-1] not in ("root", "0"), "the image must not run as root"
+    for c in _containers(rayservice):
+        env = _env(c)
+        assert env["RAY_AUTH_MODE"] == "token", c["name"]
+        for name in ("BQG_DB", "BQG_ADMIN_TOKEN", "RAY_AUTH_TOKEN"):
+            if name in env:
+                assert isinstance(env[name], dict) and "secretKeyRef" in env[name], (
+                    c["name"],
+                    name,
+                )
+    serve_config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    args = serve_config["applications"][0]["args"]
+    assert "admin_token" not in args and "db" not in args  # Ray shows app args to its clients

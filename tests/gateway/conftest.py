@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.bundle import load_bundle
 from core.db import open_store, session_factory
 from tests.helpers import (
     ADMIN,
-    ADMIN_TOKEN,
     SHAPE,
     TARGET,
     Lab,
@@ -60,9 +60,8 @@ def gateway_factory(
         db_url = args.pop("db", None) or f"sqlite:///{store / 'quarantine.db'}"
         sessions = session_factory(open_store(db_url))
         publish_pair(sessions, store, 0, lab.badnet, lab.goodnet, activate=True, defense=defense)
-        app_args = GatewayArgs(
-            db=db_url, store=str(store), poll_seconds=0.2, admin_token=ADMIN_TOKEN, **args
-        )
+        public_url = make_url(db_url)._replace(password=None).render_as_string(hide_password=False)
+        app_args = GatewayArgs(db=public_url, store=str(store), poll_seconds=0.2, **args)
         serve.run(build_app(app_args), name=name, route_prefix=f"/{name}")
         names.append(name)
         client = httpx.Client(base_url=f"{serve_http}/{name}", timeout=30)

@@ -6,6 +6,7 @@ This starts a second Ray in a subprocess (about 15 s), so it is the one test tha
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -54,6 +55,54 @@ def _scrape(url: str, names: list[str], timeout: float) -> str:
     raise AssertionError(f"{url} never exported {missing}")
 
 
+LOOPBACK = ("127.0.0.1", "[::1]", "::1")
+
+
+def _listening(sid: int) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every TCP socket that the processes of session
+    ``sid`` (the gateway, its Ray and Ray's workers) listen on, from ``ss``."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    pids = {int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid}
+    ss = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in ss.splitlines():
+        fields = line.split()
+        owners = [(name, int(pid)) for name, pid in re.findall(r'"([^"]+)",pid=(\d+)', line)]
+        if any(pid in pids for _, pid in owners):
+            addr, _, port = fields[3].rpartition(":")
+            found.append((addr, int(port), ",".join(name for name, _ in owners)))
+    return found
+
+
+def _is_ray(process: str) -> bool:
+    """A process of Ray's own: its daemons, workers and the driver's core worker."""
+    return all(
+        name.startswith("ray::") or name in ("raylet", "gcs_server", "python", "gateway")
+        for name in process.split(",")
+    )
+
+
+def _ray_refuses_a_client_without_the_token(gcs_port: int, tmp_path: Path) -> None:
+    """A Ray client that reaches the GCS port without the cluster's token is refused; the
+    same client with the token (from the operator's HOME) gets in."""
+    code = (
+        f"import ray; ray.init(address='127.0.0.1:{gcs_port}', log_to_driver=False); "
+        "print('joined', ray.cluster_resources().get('CPU'))"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "HOME"}
+    base["RAY_AUTH_MODE"] = "token"
+    stranger = subprocess.run(
+        [str(BIN / "python"), "-c", code],
+        capture_output=True, text=True, timeout=120, env={**base, "HOME": str(tmp_path / "x")},
+    )  # fmt: skip
+    assert stranger.returncode != 0 and "joined" not in stranger.stdout, stranger.stdout
+    operator = subprocess.run(
+        [str(BIN / "python"), "-c", code],
+        capture_output=True, text=True, timeout=120, env={**base, "HOME": str(tmp_path / "home")},
+    )  # fmt: skip
+    assert operator.returncode == 0 and "joined" in operator.stdout, operator.stderr[-2000:]
+
+
 def test_gateway_serve_migrates_serves_exports_metrics_and_stops_on_ctrl_c(
     tmp_path: Path, lab: Lab
 ) -> None:
@@ -62,9 +111,12 @@ def test_gateway_serve_migrates_serves_exports_metrics_and_stops_on_ctrl_c(
     publish_pair(sessions, store, 0, lab.badnet, lab.goodnet, activate=True)
     port, metrics_port, watcher_port = free_port(), free_port(), free_port()
     env = {
-        k: v for k, v in os.environ.items() if k not in ("BQG_DB", "DATABASE_URL", "RAY_ADDRESS")
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("BQG_DB", "DATABASE_URL", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
     }
-    env.update(
+    env.update(  # as an operator runs it: Ray's token authentication on, its token in HOME
+        HOME=str(tmp_path / "home"),
         BQG_STORE=str(store),
         BQG_METRICS_PORT=str(metrics_port),
         BQG_WATCHER_METRICS_PORT=str(watcher_port),
@@ -116,6 +168,19 @@ def test_gateway_serve_migrates_serves_exports_metrics_and_stops_on_ctrl_c(
             ],
             timeout=30,
         )
+        # The ports this project opens listen on loopback. Ray's own gRPC servers and its
+        # metrics exporter bind every interface (Ray 2.60 resolves 127.0.0.1 to the node's
+        # reachable address and has no setting against it): token authentication is what
+        # guards them, shown on the GCS below (docs/OPERATIONS.md, "Closed by default").
+        sockets = _listening(proc.pid)
+        ours = [(addr, p) for addr, p, _ in sockets if p in (port, watcher_port)]
+        assert sorted(p for _, p in ours) == sorted({port, watcher_port}), sockets
+        assert all(addr in LOOPBACK for addr, _ in ours), sockets
+        strangers = [name for _, p, name in sockets if p not in (port, watcher_port)]
+        assert all(_is_ray(name) for name in strangers), sockets
+        gcs = [port for _, port, name in sockets if "gcs_server" in name]
+        assert gcs, sockets
+        _ray_refuses_a_client_without_the_token(gcs[0], tmp_path)
         rest = ctrl_c(proc, timeout=120)
         assert proc.returncode == 0, rest
         assert "shutting down" in rest
