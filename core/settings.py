@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from core.db import mask_password
+from core.db import mask_password, safe_url
 from core.errors import UserError
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -100,8 +100,18 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         default=8080, ge=1, le=65535, description="Ray's metrics export port."
     )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Where the metrics ports listen: this machine only, unless a scraper on "
+        "another host needs them (0.0.0.0 inside a container network).",
+    )
     model_name: str = Field(default="gateway", description="The name in /v1/models/{name}:predict.")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_spool_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024,
+        description="Disk a replica's spool may fill while the database is away.",
+    )
     max_decoded_bytes: int = Field(
         default=32 * 1024 * 1024,
         ge=1024,
@@ -112,6 +122,13 @@ class Settings(BaseSettings):
         description="Answer every client with each member's label ('models'); off: only "
         "requests that send the admin token see them, since they tell an attacker which "
         "inputs the second opinion catches.",
+    )
+    client_header: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9-]{1,64}$",
+        description="The request header that names the client (e.g. X-Client-Id), set by a "
+        "trusted proxy in front of the gateway; unset, or absent from a request: the peer "
+        "address. Each quarantined sample records it, for the per-client share cap.",
     )
     poll_seconds: float = Field(
         default=1.0, gt=0, description="How often replicas read the active round."
@@ -211,3 +228,38 @@ def _shown(loc: tuple[Any, ...], value: Any) -> str:
     if loc and loc[0] == "admin_token":
         return "'***'"
     return mask_password(repr(value))
+
+
+def has_password(url: str | None) -> bool:
+    """True when the database URL carries a password."""
+    if not url or "://" not in url:
+        return False
+    try:
+        return make_url(url).password is not None
+    except (ArgumentError, ValueError):
+        return "@" in url
+
+
+def public_settings(settings: Settings) -> dict[str, Any]:
+    """What a Ray task or actor may receive as arguments: no admin token, and no database
+    URL with a password (the worker reads those from its own environment), because Ray
+    shows task and actor arguments to anyone who can reach the cluster."""
+    values = settings.model_dump(mode="json", by_alias=False, exclude={"admin_token"})
+    if has_password(settings.db):
+        del values["db"]
+    values["expected_db"] = safe_url(settings.db_url)
+    return values
+
+
+def settings_from_public(values: dict[str, Any]) -> Settings:
+    """The inverse of :func:`public_settings` in the worker: secrets from its environment,
+    checked to reach the database the sender meant."""
+    values = dict(values)
+    expected = values.pop("expected_db")
+    settings = load_settings(**values)
+    if safe_url(settings.db_url) != expected:
+        raise UserError(
+            f"this Ray worker's database is {safe_url(settings.db_url)}, the sender's is "
+            f"{expected}: set the same BQG_DB in every Ray node's environment"
+        )
+    return settings

@@ -8,7 +8,8 @@ round's primary key) and runs :func:`trainer.repair.runner.run_repair_round` as 
 (``max_calls=1``, CPUs from settings, a GPU when the cluster has one). While the task
 runs the watcher refreshes the lease; if the task dies (killed, out of memory), the
 watcher marks the round failed, and the active round keeps serving. After a rejected or
-failed round it waits ``repair_retry_seconds`` before trying again.
+failed round it waits ``repair_retry_seconds``, doubled for each such round in a row
+(``core.quarantine.retry_at``), before trying again.
 
 Metrics (prometheus-client, on ``watcher_metrics_port``): pending samples, round duration
 and rounds by outcome; names in :data:`core.metrics.WATCHER_EXPORTED`.
@@ -21,14 +22,22 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from core.db import make_engine, session_factory, transaction
+from core.db import make_engine, session_factory
 from core.metrics import PENDING, REPAIR_ROUNDS, REPAIR_SECONDS, WATCHER_EXPORTED
-from core.quarantine import heartbeat, pending_count, try_claim_round
-from core.settings import Settings
+from core.quarantine import (
+    db_now,
+    eligible_count,
+    pending_by_client,
+    retry_at,
+    try_claim_round,
+)
+from core.settings import Settings, public_settings, settings_from_public
+from trainer.lease import LeaseKeeper
 from trainer.repair import RepairConfig, load_repair_config
 from trainer.rounds import mark_failed
 
@@ -39,12 +48,24 @@ ROUND_BUCKETS = (30, 60, 120, 300, 600, 900, 1800, 3600, 7200)
 def repair_task(
     settings: dict[str, Any], round_no: int, owner: str, cfg: RepairConfig
 ) -> dict[str, Any]:
-    """One claimed round, run to its end (runs as a Ray task; also callable in-process)."""
+    """One claimed round as a Ray task: ``settings`` from :func:`public_settings`, with the
+    secrets read from the worker's own environment."""
+    return run_round(settings_from_public(settings), round_no, owner, cfg)
+
+
+def run_round(
+    s: Settings,
+    round_no: int,
+    owner: str,
+    cfg: RepairConfig,
+    check: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """One claimed round, run to its end, in this process; ``check`` runs at each progress
+    step and may raise to stop the work (a lost lease)."""
     from trainer.data import load_data
     from trainer.loop import set_threads
     from trainer.repair import run_claimed_round
 
-    s = Settings(**settings)
     set_threads(s.threads)
     sessions = session_factory(make_engine(s.db_url))
     # a failure anywhere here fails the round in Watcher.poll_once, which claimed it
@@ -56,9 +77,14 @@ def repair_task(
         owner=owner,
         cfg=cfg,
         valid=valid,
-        progress=lambda message: log.warning("%s", message),
+        progress=lambda message: _checked(check, message),
     )
     return {"round": outcome.round, "status": outcome.status, "metrics": outcome.metrics}
+
+
+def _checked(check: Callable[[], None], message: str) -> None:
+    check()
+    log.warning("%s", message)
 
 
 class RoundStopped(RuntimeError):
@@ -66,7 +92,7 @@ class RoundStopped(RuntimeError):
 
 
 class WatcherMetrics:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -91,7 +117,7 @@ class WatcherMetrics:
         if port:
             from prometheus_client import start_http_server
 
-            self.server, _ = start_http_server(port, registry=self.registry)
+            self.server, _ = start_http_server(port, addr=host, registry=self.registry)
 
     def close(self) -> None:
         if self.server is not None:
@@ -123,9 +149,8 @@ class Watcher:
         self.use_ray = use_ray
         self.sessions = session_factory(make_engine(settings.db_url))
         port = settings.watcher_metrics_port if metrics_port is None else metrics_port
-        self.metrics = WatcherMetrics(port)
+        self.metrics = WatcherMetrics(port, settings.metrics_host)
         self._stop = threading.Event()
-        self._retry_at = 0.0
         self.last: PollResult | None = None
         self.current_ref: Any = None  # the running round's Ray task, if any
 
@@ -133,11 +158,17 @@ class Watcher:
         self._stop.set()
 
     def poll_once(self) -> PollResult:
+        """Start a round when enough samples are usable (under the per-client share cap)
+        and the back-off after rejected or failed rounds has passed."""
         with self.sessions() as session:
-            pending = pending_count(session=session)
+            counts = pending_by_client(session=session)
+            not_before = retry_at(session=session, base_seconds=self.settings.repair_retry_seconds)
+            waiting = not_before is not None and db_now(session) < not_before
+        pending = sum(counts.values())
         self.metrics.pending.set(pending)
         result = PollResult(pending)
-        if pending < self.settings.quarantine_threshold or time.monotonic() < self._retry_at:
+        usable = eligible_count(counts, self.cfg.max_client_share)
+        if usable < self.settings.quarantine_threshold or waiting:
             return result
         lease = timedelta(seconds=self.settings.repair_lease_seconds)
         round_no = try_claim_round(self.sessions, owner=self.owner, lease=lease)
@@ -153,15 +184,23 @@ class Watcher:
             status = "failed"
         self.metrics.rounds.labels(outcome=status).inc()
         self.metrics.seconds.observe(time.perf_counter() - start)
-        if status != "succeeded":
-            self._retry_at = time.monotonic() + self.settings.repair_retry_seconds
         result.round, result.status = round_no, status
         return result
 
+    def _lease(self, round_no: int, on_lost: Callable[[], None] = lambda: None) -> LeaseKeeper:
+        return LeaseKeeper(
+            self.sessions,
+            round_no=round_no,
+            owner=self.owner,
+            lease_seconds=self.settings.repair_lease_seconds,
+            on_lost=on_lost,
+        )
+
     def _run(self, round_no: int) -> str:
-        settings = self.settings.model_dump(mode="json", by_alias=False)
         if not self.use_ray:
-            return str(repair_task(settings, round_no, self.owner, self.cfg)["status"])
+            with self._lease(round_no) as lease:
+                outcome = run_round(self.settings, round_no, self.owner, self.cfg, lease.check)
+            return str(outcome["status"])
         import ray
 
         gpus = self.settings.repair_gpus
@@ -170,22 +209,18 @@ class Watcher:
         task = ray.remote(max_calls=1)(repair_task).options(
             num_cpus=self.settings.repair_cpus, num_gpus=gpus, max_retries=0
         )
-        ref = task.remote(settings, round_no, self.owner, self.cfg)
+        ref = task.remote(public_settings(self.settings), round_no, self.owner, self.cfg)
         self.current_ref = ref
-        beat = max(1.0, self.settings.repair_lease_seconds / 3)
-        last_beat = time.monotonic()
         try:
-            while True:
-                ready, _ = ray.wait([ref], timeout=1.0)
-                if ready:
-                    return str(ray.get(ref)["status"])  # a dead task raises here
-                if self._stop.is_set():  # the gateway is shutting down: end the round now
-                    ray.cancel(ref, force=True)
-                    raise RoundStopped("the watcher was stopped while the round trained")
-                if time.monotonic() - last_beat >= beat:
-                    with transaction(self.sessions) as session:
-                        heartbeat(session=session, round_no=round_no, owner=self.owner)
-                    last_beat = time.monotonic()
+            with self._lease(round_no, on_lost=lambda: ray.cancel(ref, force=True)) as lease:
+                while True:
+                    ready, _ = ray.wait([ref], timeout=1.0)
+                    lease.check()  # a lost lease: the task is cancelled, the round not ours
+                    if ready:
+                        return str(ray.get(ref)["status"])  # a dead task raises here
+                    if self._stop.is_set():  # the gateway is shutting down: end it now
+                        ray.cancel(ref, force=True)
+                        raise RoundStopped("the watcher was stopped while the round trained")
         finally:
             self.current_ref = None
 
@@ -210,7 +245,7 @@ class WatcherActor:
 
     def __init__(self, settings: dict[str, Any], cfg: RepairConfig | None = None) -> None:
         logging.basicConfig(level=logging.WARNING)
-        self.watcher = Watcher(Settings(**settings), cfg)
+        self.watcher = Watcher(settings_from_public(settings), cfg)
         self.thread = threading.Thread(target=self.watcher.run, name="watcher", daemon=True)
         self.thread.start()
 
@@ -233,5 +268,5 @@ def start_watcher_actor(settings: Settings, cfg: RepairConfig | None = None) -> 
 
     actor_cls: Any = ray.remote(WatcherActor)
     return actor_cls.options(num_cpus=0, max_concurrency=4, name="bqg-repair-watcher").remote(
-        settings.model_dump(mode="json", by_alias=False), cfg
+        public_settings(settings), cfg
     )

@@ -241,3 +241,54 @@ def test_retrain_runs_a_round_and_rollback_returns_to_round_zero(tmp_path: Path,
     assert r.returncode == 0 and "round 0 is active" in r.stdout
     with sessions() as s:
         assert active_round(session=s).round == 0  # type: ignore[union-attr]
+
+
+def test_retrain_beside_a_watcher_holds_its_5_s_lease_and_runs_alone(
+    tmp_path: Path, lab: Lab
+) -> None:
+    """``trainer retrain`` beats from a thread: a round that runs well past its 5 s lease
+    stays alive, and a watcher polling beside it all along never starts a second one."""
+    settings, sessions = _setup(tmp_path, lab, 12, repair_lease_seconds=5.0)
+    (tmp_path / "repair.json").write_text('{"preset": "tiny", "epochs": 8, "clean_images": 64}')
+    env = {
+        "BQG_STORE": str(tmp_path),
+        "BQG_DB": settings.db_url,
+        "BQG_VALID": settings.valid,
+        "BQG_QUARANTINE_THRESHOLD": "10",
+        "BQG_REPAIR_LEASE_SECONDS": "5",
+        "BQG_REPAIR_CONFIG": str(tmp_path / "repair.json"),
+    }
+    watcher = Watcher(settings, TINY, use_ray=False, owner="beside")
+    running: list[list[int]] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set() and not _running(sessions):
+            time.sleep(0.05)  # the watcher joins once retrain has claimed round 1
+        while not done.is_set():
+            watcher.poll_once()
+            with sessions() as s:
+                running.append([r.round for r in list_rounds(session=s) if r.status == "running"])
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        r = run_cli("trainer", "retrain", "--round", "1", env=env)
+    finally:
+        done.set()
+        thread.join(timeout=60)
+        watcher.metrics.close()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(len(now) <= 1 for now in running) and [1] in running, running
+    with sessions() as s:
+        rounds = list_rounds(session=s)
+    assert [(x.round, x.status) for x in rounds] == [(0, "succeeded"), (1, "succeeded")]
+    assert rounds[1].owner is not None and rounds[1].owner.startswith("trainer retrain")
+    seconds = (rounds[1].finished_at - rounds[1].started_at).total_seconds()  # type: ignore[operator]
+    assert seconds > 10, f"round 1 took {seconds:.1f} s: too short to outlive its 5 s lease"
+
+
+def _running(sessions: sessionmaker[Session]) -> list[int]:
+    with sessions() as s:
+        return [r.round for r in list_rounds(session=s) if r.status == "running"]

@@ -15,8 +15,10 @@ from core.errors import UserError
 from core.quarantine import (
     activate_round,
     active_round_number,
+    db_now,
     list_rounds,
     pending_count,
+    retry_at,
     try_claim_round,
 )
 from core.settings import Settings
@@ -32,6 +34,7 @@ from trainer.cli.common import (
     out_console,
 )
 from trainer.grid import start_local_ray
+from trainer.lease import LeaseKeeper, LeaseLost
 from trainer.options import config_options
 from trainer.repair import RepairConfig, load_repair_config, run_claimed_round, with_preset
 from trainer.watcher import Watcher
@@ -102,15 +105,26 @@ def retrain_cmd(
     claimed = try_claim_round(sessions, owner=owner, lease=lease, round_no=round_no)
     if claimed is None:
         raise UserError("another round is running now (see 'trainer status'); try again after it")
-    outcome = run_claimed_round(
-        settings,
-        sessions,
-        round_no=round_no,
-        owner=owner,
-        cfg=cfg,
-        valid=data,
-        progress=lambda message: err_console.print(message, markup=False, highlight=False),
-    )
+
+    def progress(message: str) -> None:
+        keeper.check()  # a lost lease stops the work at the next step
+        err_console.print(message, markup=False, highlight=False)
+
+    with LeaseKeeper(
+        sessions, round_no=round_no, owner=owner, lease_seconds=settings.repair_lease_seconds
+    ) as keeper:
+        try:
+            outcome = run_claimed_round(
+                settings,
+                sessions,
+                round_no=round_no,
+                owner=owner,
+                cfg=cfg,
+                valid=data,
+                progress=progress,
+            )
+        except LeaseLost as exc:
+            raise UserError(f"{exc} (see 'trainer status')") from None
     if outcome.status != "succeeded":
         raise SystemExit(1)
 
@@ -124,6 +138,8 @@ def status_cmd(db: DbOpt = None, store: StoreOpt = None) -> None:
         active = active_round_number(session=session)
         rounds = list_rounds(session=session)
         pending = pending_count(session=session)
+        not_before = retry_at(session=session, base_seconds=settings.repair_retry_seconds)
+        waiting = not_before is not None and db_now(session) < not_before
     table = Table(title=f"Rounds in {safe_url(settings.db_url)}")
     for name in ("round", "status", "samples", "served CA", "duration", "active", "note"):
         table.add_column(name, justify="right" if name != "note" else "left")
@@ -145,7 +161,12 @@ def status_cmd(db: DbOpt = None, store: StoreOpt = None) -> None:
             if r.finished_at and r.started_at
             else None
         )
-        note = r.error or ("gate failed" if r.status == "rejected" else "")
+        failures = r.metrics.get("gate", {}).get("failures") if r.status == "rejected" else None
+        note = (
+            r.error
+            or ("; ".join(failures) if failures else "")
+            or ("gate failed" if r.status == "rejected" else "")
+        )
         if r.status == "running":
             note = f"run by {r.owner or '?'}"
         table.add_row(
@@ -161,6 +182,11 @@ def status_cmd(db: DbOpt = None, store: StoreOpt = None) -> None:
     out_console.print(
         f"pending quarantined samples: {pending} (a round starts at N = {settings.quarantine_threshold})"
     )
+    if waiting and not_before is not None:
+        out_console.print(
+            f"after rejected or failed rounds, the watcher starts none before "
+            f"{not_before:%Y-%m-%d %H:%M:%S} UTC ('trainer retrain' may run one now)"
+        )
 
 
 @app.command("rollback")
