@@ -14,6 +14,10 @@ ACTIVE_ROUND = "bqg_active_round"  # gauge
 PENDING = "bqg_pending_samples"  # gauge
 SPOOL_DEPTH = "bqg_spool_depth"  # gauge
 SWAP_FAILURES = "bqg_swap_failures"  # counter
+LOOP_ERRORS = "bqg_loop_errors"  # counter, by loop (writer, follower): caught and retried
+DROPPED = "bqg_quarantine_dropped"  # counter: samples neither stored nor spooled
+SPOOL_BYTES = "bqg_spool_bytes"  # gauge
+SPOOL_CAP = "bqg_spool_cap_bytes"  # gauge: the configured cap (BQG_MAX_SPOOL_BYTES)
 REPAIR_ROUNDS = "bqg_repair_rounds"  # counter, by outcome (the repair watcher's)
 
 REPAIR_SECONDS = "bqg_repair_round_seconds"  # histogram (the repair watcher's)
@@ -28,6 +32,10 @@ EXPORTED = {
     PENDING: "ray_bqg_pending_samples",
     SPOOL_DEPTH: "ray_bqg_spool_depth",
     SWAP_FAILURES: "ray_bqg_swap_failures_total",
+    LOOP_ERRORS: "ray_bqg_loop_errors_total",
+    DROPPED: "ray_bqg_quarantine_dropped_total",
+    SPOOL_BYTES: "ray_bqg_spool_bytes",
+    SPOOL_CAP: "ray_bqg_spool_cap_bytes",
 }
 
 

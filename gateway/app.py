@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from numpy.typing import NDArray
 from ray import serve
 from ray.serve import Application
 
@@ -37,6 +36,7 @@ from gateway.config import GatewayArgs
 from gateway.follower import RoundFollower
 from gateway.ingress import Ingress
 from gateway.metrics import EnsembleMetrics
+from gateway.payloads import Query
 from gateway.writer import QuarantineWriter
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,14 @@ class Ensemble:
             return session_factory(make_engine(engine_url))
 
         spool, self._spool_lock = claim_spool_slot(settings.spool_dir)
+        self.metrics.spool_cap.set(settings.max_spool_bytes)
         self.writer = QuarantineWriter(
-            sessions=sessions, spool_dir=spool, on_depth=self.metrics.spool_depth.set
+            sessions=sessions,
+            spool_dir=spool,
+            max_spool_bytes=settings.max_spool_bytes,
+            on_spool=self._on_spool,
+            on_drop=self.metrics.dropped.inc,
+            on_error=lambda: self.metrics.loop_errors.inc(tags={"loop": "writer"}),
         ).start()
         self.follower = RoundFollower(
             sessions=sessions,
@@ -90,23 +96,43 @@ class Ensemble:
             on_swap=lambda pair: self.metrics.active_round.set(pair.round),
             on_failure=lambda round_no, error: self.metrics.swap_failures.inc(),
             on_pending=self.metrics.pending.set,
+            on_loop_error=lambda: self.metrics.loop_errors.inc(tags={"loop": "follower"}),
         ).start()
         self.infer.set_max_batch_size(args.max_batch_size)  # type: ignore[attr-defined]
         self.infer.set_batch_wait_timeout_s(args.batch_wait_timeout_s)  # type: ignore[attr-defined]
 
+    def _on_spool(self, samples: int, nbytes: int) -> None:
+        self.metrics.spool_depth.set(samples)
+        self.metrics.spool_bytes.set(nbytes)
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose writer or follower thread died is
+        restarted, rather than left to drop suspects or serve an old round forever."""
+        dead = [
+            name
+            for name, loop in (
+                ("quarantine writer", self.writer),
+                ("round follower", self.follower),
+            )
+            if not loop.alive
+        ]
+        if dead:
+            raise RuntimeError(f"the {' and '.join(dead)} thread died; restart this replica")
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def infer(self, images: list[NDArray[np.uint8]]) -> list[dict[str, Any]]:
+    async def infer(self, queries: list[Query]) -> list[dict[str, Any]]:
         pair = self.follower.pair  # read once: the whole batch is answered by one pair
         if pair is None:
             error = {
                 "error": "no model round is active yet; run 'trainer prepare' first",
                 "status": 503,
             }
-            return [error for _ in images]
-        self.batch_sizes[len(images)] += 1
-        return await asyncio.to_thread(self._answer, pair, images)
+            return [error for _ in queries]
+        self.batch_sizes[len(queries)] += 1
+        return await asyncio.to_thread(self._answer, pair, queries)
 
-    def _answer(self, pair: ModelPair, images: list[NDArray[np.uint8]]) -> list[dict[str, Any]]:
+    def _answer(self, pair: ModelPair, queries: list[Query]) -> list[dict[str, Any]]:
+        images = [q.image for q in queries]
         out: list[dict[str, Any]] = []
         good: list[int] = []
         for i, image in enumerate(images):
@@ -151,6 +177,7 @@ class Ensemble:
                             goodnet_score=d.goodnet_score,
                             served_round=d.round,
                             detector=pair.policy.name,
+                            client=queries[i].client,
                         )
                     )
             suspects = sum(d.suspect for d in decisions)
@@ -164,6 +191,9 @@ class Ensemble:
         base: dict[str, Any] = {
             "database_up": self.writer.database_up,
             "spool_depth": self.writer.spool.depth(),
+            "quarantine_dropped": self.writer.dropped,
+            "loop_errors": {"writer": self.writer.errors, "follower": self.follower.loop_errors},
+            "fallback": self.follower.fallback,
             "batch_sizes": dict(self.batch_sizes),
             "swap_failures": self.follower.failures,
             "last_swap_failure": self.follower.last_failure,

@@ -7,6 +7,10 @@ store registered for it (and the bundle's own manifest, which ``load_bundle`` ch
 and only then replaces the pair in one reference assignment (:func:`core.pair.load_pair`). A request reads
 ``follower.pair`` once, so it never sees a mixed pair. A round that fails to load leaves
 the old pair serving; the failure is logged and counted, and retried after a back-off.
+A replica with nothing to serve yet (a fresh one) whose active round cannot load serves the
+newest succeeded round that does, and says so (``fallback``). Any other error in the loop
+is logged, counted (``on_loop_error``) and retried with a growing back-off, so the thread
+never dies and leaves a replica serving an old round unnoticed.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.defenses import with_policy
 from core.errors import UserError
-from core.pair import ModelPair, load_pair
-from core.quarantine import active_round, pending_count
+from core.pair import ModelPair, load_pair, load_round_pair
+from core.quarantine import active_round, list_rounds, pending_count
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ class RoundFollower:
         on_swap: Callable[[ModelPair], None] = lambda pair: None,
         on_failure: Callable[[int | None, str], None] = lambda round_no, error: None,
         on_pending: Callable[[int], None] = lambda n: None,
+        on_loop_error: Callable[[], None] = lambda: None,
     ) -> None:
         self._make_sessions = sessions
         self._sessions: sessionmaker[Session] | None = None
@@ -45,6 +50,9 @@ class RoundFollower:
         self.trusted_modules = tuple(trusted_modules)
         self.retry_failed_after = retry_failed_after
         self._on_swap, self._on_failure, self._on_pending = on_swap, on_failure, on_pending
+        self._on_loop_error = on_loop_error
+        self.loop_errors = 0
+        self.fallback: str | None = None  # why the served round is not the active one
         self.pair: ModelPair | None = None  # read by the request path; replaced, never mutated
         self._failed: dict[int, float] = {}  # round -> when it last failed to load
         self.failures = 0  # loads refused since start (the swap-failure counter's value)
@@ -101,7 +109,39 @@ class RoundFollower:
                 exc,
             )
             self._on_failure(info.round, str(exc))
+            if self.pair is None:
+                return self._fall_back(info.round)
             return False
+        self.fallback = None
+        self._install(pair)
+        return True
+
+    def _fall_back(self, active: int) -> bool:
+        """Serve the newest succeeded round older than ``active`` that loads."""
+        with self._db()() as session:
+            rounds = list_rounds(session=session)
+            older = sorted(
+                (r.round for r in rounds if r.status == "succeeded" and r.round < active),
+                reverse=True,
+            )
+            for round_no in older:
+                try:
+                    pair = with_policy(
+                        load_round_pair(session, round_no, trusted_modules=self.trusted_modules)
+                    )
+                except (UserError, OSError) as exc:
+                    log.error("fallback round %s does not load either: %s", round_no, exc)
+                    continue
+                self.fallback = (
+                    f"serving round {round_no}: the active round {active} does not load "
+                    f"({self.last_failure})"
+                )
+                log.error("%s", self.fallback)
+                self._install(pair)
+                return True
+        return False
+
+    def _install(self, pair: ModelPair) -> None:
         self.pair = pair  # the swap: one reference assignment
         self._failed.pop(pair.round, None)
         log.warning(
@@ -111,13 +151,24 @@ class RoundFollower:
             *(h[:12] for h in pair.hashes().values()),
         )
         self._on_swap(pair)
-        return True
 
     @property
     def current_round(self) -> int | None:
         pair = self.pair
         return None if pair is None else pair.round
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            self.poll_once()
+        wait = self.poll_seconds
+        while not self._stop.wait(wait):
+            try:
+                self.poll_once()
+                wait = self.poll_seconds
+            except Exception:
+                self.loop_errors += 1
+                self._on_loop_error()
+                wait = min(max(2 * wait, self.poll_seconds), 30.0)
+                log.exception("the round follower's poll failed; retrying in %.0f s", wait)

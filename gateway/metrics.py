@@ -6,11 +6,15 @@ from typing import Any
 
 from core.metrics import (
     ACTIVE_ROUND,
+    DROPPED,
     LATENCY,
     LATENCY_BUCKETS,
+    LOOP_ERRORS,
     PENDING,
     PREDICTIONS,
     QUARANTINED,
+    SPOOL_BYTES,
+    SPOOL_CAP,
     SPOOL_DEPTH,
     SWAP_FAILURES,
 )
@@ -36,6 +40,14 @@ class EnsembleMetrics:
         self.pending: Any = metrics.Gauge(
             PENDING, "Distinct quarantined images waiting for a repair round."
         )
+        self.loop_errors: Any = metrics.Counter(
+            LOOP_ERRORS, "Errors a background loop caught and retried.", tag_keys=("loop",)
+        )
+        self.dropped: Any = metrics.Counter(
+            DROPPED, "Suspect samples dropped: the writer's queue or memory was full."
+        )
+        self.spool_bytes: Any = metrics.Gauge(SPOOL_BYTES, "Bytes of the on-disk spool.")
+        self.spool_cap: Any = metrics.Gauge(SPOOL_CAP, "The spool's configured size cap.")
 
 
 class IngressMetrics:
