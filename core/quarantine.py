@@ -13,7 +13,7 @@ import hashlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
@@ -67,6 +67,7 @@ class NewSample:
     goodnet_score: float | None = None
     received_at: datetime = field(default_factory=utcnow)
     hits: int = 1
+    client: str | None = None  # the sender: the trusted client header, else the peer
 
     @classmethod
     def from_image(cls, image: NDArray[np.uint8], **fields: Any) -> NewSample:
@@ -79,6 +80,9 @@ class NewSample:
             pixel_sha256=pixel_sha256(image),
             **fields,
         )
+
+
+CLIENT_CHARS = 128  # the stored client identity's length
 
 
 def _check(sample: NewSample) -> None:
@@ -120,6 +124,7 @@ def _merge_duplicates(samples: Sequence[NewSample]) -> list[dict[str, Any]]:
                 "received_at": s.received_at,
                 "last_seen_at": s.received_at,
                 "hit_count": s.hits,
+                "client": None if s.client is None else s.client[:CLIENT_CHARS],
             }
         else:
             row["hit_count"] += s.hits
@@ -183,6 +188,41 @@ def pending_count(*, session: Session) -> int:
     return int(session.scalar(stmt) or 0)
 
 
+def pending_by_client(*, session: Session) -> dict[str | None, int]:
+    """Distinct pending images per client (None: samples stored before clients were)."""
+    stmt = (
+        select(QuarantineSample.client, func.count())
+        .where(QuarantineSample.consumed_by_round.is_(None))
+        .group_by(QuarantineSample.client)
+    )
+    return {client: int(n) for client, n in session.execute(stmt)}
+
+
+def client_quota(counts: dict[str | None, int], share: float) -> int:
+    """The most samples one client may give a round in which no client gives more than
+    ``share`` of the whole: the largest m with m <= share * sum(min(c, m)).
+
+    The cap keeps any one sender from deciding what the repair learns (issue 31's
+    poisoning threat): with share 1 it is off; a lone client gets 0 below 1.
+    """
+    if share >= 1:
+        return max(counts.values(), default=0)
+    low, high = 0, max(counts.values(), default=0)
+    while low < high:  # the condition holds for m = 0 and, once false, stays false
+        m = (low + high + 1) // 2
+        if m <= share * sum(min(c, m) for c in counts.values()):
+            low = m
+        else:
+            high = m - 1
+    return low
+
+
+def eligible_count(counts: dict[str | None, int], share: float) -> int:
+    """Pending samples a round may use under the per-client ``share`` cap."""
+    quota = client_quota(counts, share)
+    return sum(min(c, quota) for c in counts.values())
+
+
 def pending_samples(*, session: Session, limit: int | None = None) -> list[QuarantineSample]:
     """Pending samples, oldest first."""
     stmt = (
@@ -243,7 +283,7 @@ def open_round(*, session: Session, round_no: int, owner: str | None = None) -> 
     existing = session.get(RepairRound, round_no)
     if existing is not None:
         raise StoreInputError(f"round {round_no} already exists (status {existing.status})")
-    now = utcnow()
+    now = db_now(session)
     row = RepairRound(
         round=round_no,
         status="running",
@@ -395,6 +435,39 @@ def round_models(*, session: Session, round_no: int) -> list[ModelVersion]:
 # ------------------------------------------------------------------------------ leases
 
 
+def db_now(session: Session) -> datetime:
+    """The database server's clock, in UTC: every lease time comes from this one clock,
+    since runners on different hosts would otherwise compare their own clocks' skew."""
+    if session.get_bind().dialect.name == "sqlite":
+        text_now = session.scalar(select(func.strftime("%Y-%m-%d %H:%M:%f", "now")))
+        return datetime.fromisoformat(str(text_now)).replace(tzinfo=UTC)
+    value: datetime = session.scalar(select(func.now()))  # type: ignore[assignment]
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def retry_at(*, session: Session, base_seconds: float, max_factor: int = 64) -> datetime | None:
+    """When the next automatic round may start: after k rounds in a row that were rejected
+    or failed, ``base_seconds * 2**(k-1)`` (at most ``max_factor`` times) after the last one
+    ended; None after a success or before any round. Read from the store, so the back-off
+    holds across watchers and restarts, and a flood that keeps failing the gate buys ever
+    rarer rounds."""
+    rows = session.scalars(
+        select(RepairRound)
+        .where(RepairRound.round > 0)
+        .order_by(RepairRound.round.desc())
+        .limit(max_factor.bit_length() + 1)
+    )
+    misses, last = 0, None
+    for row in rows:
+        if row.status not in ("rejected", "failed"):
+            break
+        last = last or row.finished_at or row.heartbeat_at or row.started_at
+        misses += 1
+    if misses == 0 or last is None:
+        return None
+    return last + timedelta(seconds=base_seconds * min(2 ** (misses - 1), max_factor))
+
+
 def next_round_number(*, session: Session) -> int:
     """One more than the highest round ever opened (0 when there is none)."""
     highest = session.scalar(select(func.max(RepairRound.round)))
@@ -413,7 +486,7 @@ def expire_stale_rounds(
     *, session: Session, lease: timedelta, now: datetime | None = None
 ) -> list[int]:
     """Fail running rounds whose heartbeat is older than ``lease`` (their runner died)."""
-    now = now or utcnow()
+    now = now or db_now(session)
     expired = []
     for row in running_rounds(session=session):
         beat = row.heartbeat_at or row.started_at or now
@@ -475,6 +548,6 @@ def heartbeat(*, session: Session, round_no: int, owner: str) -> bool:
             RepairRound.status == "running",
             RepairRound.owner == owner[:128],
         )
-        .values(heartbeat_at=utcnow())
+        .values(heartbeat_at=db_now(session))
     )
     return bool(session.execute(stmt).rowcount)  # type: ignore[attr-defined]

@@ -106,6 +106,8 @@ class QuarantineSample(Base):
     last_seen_at: Mapped[datetime]
     hit_count: Mapped[int] = mapped_column(default=1)
     consumed_by_round: Mapped[int | None] = mapped_column(index=True)
+    # who sent it: the trusted client header, else the peer address (None: before 0004)
+    client: Mapped[str | None] = mapped_column(String(128))
 
 
 class RepairRound(Base):

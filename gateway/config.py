@@ -21,6 +21,9 @@ class GatewayArgs(BaseModel):
     db: str | None = Field(default=None, description="Database URL; default from settings.")
     store: str | None = Field(default=None, description="Store directory; default from settings.")
     model_name: str | None = None
+    client_header: str | None = Field(
+        default=None, description="Header naming the client; default from settings."
+    )
     max_body_bytes: int | None = Field(default=None, ge=1024)
     max_decoded_bytes: int | None = Field(default=None, ge=1024)
     expose_members: bool | None = None
@@ -65,6 +68,7 @@ class GatewayArgs(BaseModel):
                 "db": self.db,
                 "store": self.store,
                 "model_name": self.model_name,
+                "client_header": self.client_header,
                 "max_body_bytes": self.max_body_bytes,
                 "max_decoded_bytes": self.max_decoded_bytes,
                 "expose_members": self.expose_members,

@@ -24,10 +24,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.db import make_engine, session_factory, transaction
 from core.errors import ImageError
-from core.quarantine import StoreInputError, activate_round
+from core.quarantine import CLIENT_CHARS, StoreInputError, activate_round
 from gateway.config import GatewayArgs
 from gateway.metrics import IngressMetrics
-from gateway.payloads import Spec, image_from_request, images_from_instances, read_body
+from gateway.payloads import (
+    Query,
+    Spec,
+    image_from_request,
+    images_from_instances,
+    read_body,
+)
 
 log = logging.getLogger(__name__)
 MAX_ADMIN_BODY = 1024
@@ -126,8 +132,16 @@ class Ingress:
                 log.warning("could not read the active round's input spec", exc_info=True)
         return self._spec
 
-    async def _infer(self, image: NDArray[np.uint8], members: bool) -> dict[str, Any]:
-        result: dict[str, Any] = await self.ensemble.infer.remote(image)
+    def _client(self, request: Request) -> str:
+        """Who sent ``request``: the configured client header, else the peer address."""
+        header = self.settings.client_header
+        named = request.headers.get(header, "").strip() if header else ""
+        if named:
+            return "".join(ch for ch in named if ch.isprintable())[:CLIENT_CHARS]
+        return request.client.host if request.client else "unknown"
+
+    async def _infer(self, image: NDArray[np.uint8], members: bool, client: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.ensemble.infer.remote(Query(image, client))
         if "error" in result:
             raise ImageError(result["error"], status=result["status"])
         if not members:
@@ -169,7 +183,7 @@ class Ingress:
             await self._input_spec(),
             self.settings.max_decoded_bytes,
         )
-        result = await self._infer(image, self._members_visible(request))
+        result = await self._infer(image, self._members_visible(request), self._client(request))
         self._observe("/predict", start)
         return result
 
@@ -185,8 +199,10 @@ class Ingress:
         images = await asyncio.to_thread(
             images_from_instances, body, await self._input_spec(), self.settings.max_decoded_bytes
         )
-        members = self._members_visible(request)
-        predictions = await asyncio.gather(*(self._infer(image, members) for image in images))
+        members, client = self._members_visible(request), self._client(request)
+        predictions = await asyncio.gather(
+            *(self._infer(image, members, client) for image in images)
+        )
         self._observe("/v1/models:predict", start)
         return {"predictions": predictions}
 
@@ -196,10 +212,12 @@ class Ingress:
         if info["round"] is None:
             return error(503, "no model round is active yet; run 'trainer prepare' first")
         return {
-            "status": "ok",
+            "status": "ok" if info["fallback"] is None else "degraded",
             "round": info["round"],
             "database_up": info["database_up"],
             "spool_depth": info["spool_depth"],
+            "quarantine_dropped": info["quarantine_dropped"],
+            "fallback": info["fallback"],
         }
 
     @api.get("/v1/models")

@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,14 @@ from core.images import DecodeBudget, decode_image, image_from_pixels
 MAX_INSTANCES = 64
 IMAGE_TYPES = ("image/png", "image/jpeg")
 Spec = Sequence[int] | None  # the active round's (H, W, C), when the ingress knows it
+
+
+@dataclass(frozen=True)
+class Query:
+    """One image to answer, and who sent it (recorded if it is quarantined)."""
+
+    image: NDArray[np.uint8]
+    client: str | None = None
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:

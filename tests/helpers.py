@@ -41,6 +41,7 @@ TINY_REPAIR = RepairConfig(
     epochs=1,
     lr=1e-3,
     ca_drop=100.0,
+    class_drop=100.0,
     max_clean_suspect=100.0,
     borderline=8,
 )

@@ -104,7 +104,11 @@ def test_the_watcher_repairs_and_the_gateway_swaps_while_serving(
     # (tests/trainer/test_repair.py); this test is about the loop. (8 CycleGAN epochs on
     # 200 images did not learn the patch; 10 on 500 did, in benchmarks/repair_round.py.)
     cfg = RepairConfig(
-        cyclegan=replace(PRESETS["small"], epochs=15), clean_images=300, epochs=3, ca_drop=10.0
+        cyclegan=replace(PRESETS["small"], epochs=15),
+        clean_images=300,
+        epochs=3,
+        ca_drop=10.0,
+        class_drop=25.0,
     )
     watcher = Watcher(settings, cfg, use_ray=True)
     watcher_thread = threading.Thread(target=watcher.run, daemon=True)

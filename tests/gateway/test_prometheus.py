@@ -193,6 +193,7 @@ def test_every_dashboard_query_returns_data_and_the_rate_matches_the_client(
         # make the pair disagree on a quarter of the 40 gate images (a rejected round, seen
         # once in a fresh-clone run); the gate has its own tests in tests/trainer.
         ca_drop=100.0,
+        class_drop=100.0,
         max_clean_suspect=100.0,
         min_score=0.0,  # the lab's tiny BadNet is not confident; the filter has its own tests
     )

@@ -183,7 +183,9 @@ def test_real_quarantined_images_are_fine_tuned_on_without_the_trigger_label(
         replace(TINY, quarantine_views=-1).validate()
 
 
-def test_a_failed_gate_rejects_the_round_and_keeps_the_samples(tmp_path: Path, lab: Lab) -> None:
+def test_a_failed_gate_rejects_the_round_and_sets_its_samples_aside(
+    tmp_path: Path, lab: Lab
+) -> None:
     sessions = lab_store(tmp_path, lab)
     quarantine_lab(sessions, lab, 30)
     # a rate that wrecks clean accuracy, against the gate's default bounds
@@ -198,8 +200,9 @@ def test_a_failed_gate_rejects_the_round_and_keeps_the_samples(tmp_path: Path, l
     assert outcome.status == "rejected" and outcome.path is None
     with sessions() as s:
         assert active_round(session=s).round == 0  # type: ignore[union-attr]
-        assert pending_count(session=s) == 30
+        assert pending_count(session=s) == 0  # set aside with the rejected round
         assert list_rounds(session=s)[1].status == "rejected"
+        assert list_rounds(session=s)[1].samples_used == 30
     assert not (tmp_path / "rounds" / "1").exists()
 
 

@@ -126,8 +126,9 @@ def test_the_gate_rejects_under_the_rounds_policy_and_nothing_changes(
     assert served["after"] < served["before"] - 0.03  # the GoodNet's answers are served
     with sessions() as s:
         assert active_round(session=s).round == 0  # type: ignore[union-attr]
-        assert pending_count(session=s) == 20
+        assert pending_count(session=s) == 0  # set aside with the rejected round
         assert list_rounds(session=s)[1].status == "rejected"
+        assert list_rounds(session=s)[1].samples_used == 20
 
 
 def test_a_repairer_that_refuses_crashes_or_overwrites_the_verdict_changes_nothing(

@@ -5,18 +5,14 @@
 - ``treatment``: clean images carrying each learned trigger;
 - ``finetune``: the members' fine-tuning;
 - ``nnoculation``: the CycleGAN repairer that composes them;
+- ``gate``: may a candidate pair replace the one that serves;
 - ``runner``: claim -> repair -> gate -> publish, for every repairer.
 """
 
 from trainer.repair.base import Repaired, Repairer, RoundContext
 from trainer.repair.config import RepairConfig, load_repair_config, with_preset
-from trainer.repair.runner import (
-    RepairOutcome,
-    describe_gate,
-    gate_round,
-    run_claimed_round,
-    run_repair_round,
-)
+from trainer.repair.gate import describe_gate, gate_round
+from trainer.repair.runner import RepairOutcome, run_claimed_round, run_repair_round
 from trainer.repair.selection import confident_mask
 
 __all__ = [

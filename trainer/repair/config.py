@@ -35,6 +35,11 @@ class RepairConfig:
     min_samples: int = option_field(
         1, "Refuse a round with fewer pending samples of the model's shape."
     )
+    max_client_share: float = option_field(
+        1.0,
+        "The largest share of a round's samples one client may give (1: no cap). Set it "
+        "below 1 only where BQG_CLIENT_HEADER or peer addresses tell real clients apart.",
+    )
     min_score: float = option_field(
         0.99,
         "Learn only from samples the suspect answers with at least this confidence "
@@ -55,6 +60,11 @@ class RepairConfig:
     )
     ca_drop: float = option_field(
         3.0, "The gate's theta: how many points the served clean accuracy may drop."
+    )
+    class_drop: float = option_field(
+        10.0,
+        "The gate's per-class floor: how many points any one class's served accuracy may "
+        "drop, against the round it replaces and against round 0.",
     )
     max_clean_suspect: float = option_field(
         10.0, "The gate's bound on clean gate images flagged suspect, in percent."
@@ -103,6 +113,11 @@ class RepairConfig:
             self.max_samples is None or self.max_samples >= self.min_samples,
             "max_samples must be at least min_samples",
         )
+        _check(
+            0 < self.max_client_share <= 1,
+            f"max_client_share must lie in (0, 1], got {self.max_client_share}",
+        )
+        _check(self.class_drop >= 0, f"class_drop must be 0 or more points, got {self.class_drop}")
         _check(self.ca_drop >= 0, f"theta (--ca-drop) must be 0 or more points, got {self.ca_drop}")
         _check(
             self.teacher in TEACHERS, f"teacher must be 'suspect' or 'self', got {self.teacher!r}"

@@ -9,12 +9,10 @@ The lease, the gate and publication are written once here; a defense's repairer
 2. Keep the pending samples the original suspect is confident on (``selection``).
 3. The repairer makes the new members from the active pair, the kept samples and the clean
    validation data less the gate split.
-4. The gate (DESIGN.md: "clean accuracy on held-out validation data within theta of the
-   round it replaces"): the accuracy of the answers clients get, under the round's own
-   policy, on the gate split may drop at most ``ca_drop`` points, and the pair may flag at
-   most ``max_clean_suspect`` percent of the clean gate images. A failed gate marks the
-   round ``rejected`` and activates nothing; docs/DECISIONS.md ("The gate") says why it
-   judges served answers and not each member.
+4. The gate (``gate``): the served clean accuracy on the gate split, overall and per
+   class, against the round it replaces and against round 0. A failed gate marks the
+   round ``rejected``, sets its samples aside (consumed by the rejected round, so the
+   same flood cannot retry forever) and activates nothing.
 5. Save the bundles and the round's manifest (its defense), register them, activate the
    round and mark its samples consumed, in one transaction. A crash marks it ``failed``.
 """
@@ -23,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,11 +29,10 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
-from torch import nn
 
-from core.bundle import Bundle, InputSpec, batched_logits, save_bundle
+from core.bundle import Bundle, save_bundle
 from core.db import transaction
-from core.defenses import Policy, load_defense_modules, served_rates, with_policy
+from core.defenses import load_defense_modules, with_policy
 from core.errors import DataError, UserError
 from core.pair import ROLES, ModelPair, load_pair
 from core.quarantine import active_round, finish_round, mark_consumed
@@ -43,7 +40,8 @@ from trainer.data import Dataset
 from trainer.loop import accuracy
 from trainer.repair.base import Progress, Repaired, Repairer, RoundContext
 from trainer.repair.config import RepairConfig
-from trainer.repair.selection import confident, load_suspect, pending_quarantine
+from trainer.repair.gate import gate_round
+from trainer.repair.selection import confident, load_origin, load_suspect, pending_quarantine
 from trainer.rounds import mark_failed, publish_round, running_round
 from trainer.splits import check_validation, gate_split, split_record
 
@@ -56,41 +54,6 @@ class RepairOutcome:
     path: Path | None  # the round directory, when it succeeded
 
 
-def runners(models: Mapping[str, nn.Module], spec: InputSpec) -> dict[str, Any]:
-    return {role: (lambda x, m=model: batched_logits(m, spec, x)) for role, model in models.items()}
-
-
-def gate_round(
-    before: Mapping[str, nn.Module],
-    after: Mapping[str, nn.Module],
-    gate: Dataset,
-    spec: InputSpec,
-    cfg: RepairConfig,
-    policy: Policy,
-    params: Mapping[str, Any] | None = None,
-) -> tuple[dict[str, Any], bool]:
-    """Step 4: the gate's numbers for the pair ``before`` -> ``after`` (role -> model) under
-    ``policy``, and whether the round passes."""
-    ca_before, flag_before = served_rates(runners(before, spec), gate.x, gate.y, policy, params)
-    ca_after, flag_after = served_rates(runners(after, spec), gate.x, gate.y, policy, params)
-    metrics = {
-        "served clean accuracy": {"before": ca_before, "after": ca_after},
-        "clean images flagged suspect": {"before": flag_before, "after": flag_after},
-    }
-    passed = (
-        ca_after >= ca_before - cfg.ca_drop / 100.0 - 1e-12
-        and flag_after <= cfg.max_clean_suspect / 100.0 + 1e-12
-    )
-    return metrics, passed
-
-
-def describe_gate(gate: dict[str, Any]) -> str:
-    """'served clean accuracy 93.03% -> 89.55%, ...' for messages and notes."""
-    return ", ".join(
-        f"{what} {100 * g['before']:.2f}% -> {100 * g['after']:.2f}%" for what, g in gate.items()
-    )
-
-
 @dataclass
 class _Setup:
     pair: ModelPair
@@ -99,6 +62,7 @@ class _Setup:
     suspect: Bundle
     kept: np.ndarray
     repairer: Repairer
+    origin: ModelPair | None  # round 0, the gate's second reference (None: no files)
 
 
 def _setup(
@@ -118,10 +82,11 @@ def _setup(
     check_validation(pair.goodnet, valid)
     ids, pending = pending_quarantine(sessions, cfg, pair.goodnet.manifest.input.shape)
     suspect = load_suspect(sessions, pair, trusted_modules)
+    origin = load_origin(sessions, pair, trusted_modules)
     kept = confident(suspect, pending, cfg)
     repairer = make_repairer(pair.defense.name, cfg)
     repairer.check(pair, sessions)
-    return _Setup(pair, ids, pending, suspect, kept, repairer)
+    return _Setup(pair, ids, pending, suspect, kept, repairer, origin)
 
 
 def _gate_split_note(pair: ModelPair, gate: Dataset, cfg: RepairConfig, round_no: int) -> str:
@@ -180,7 +145,7 @@ def run_repair_round(
         repaired = setup.repairer.repair(ctx)
         metrics = _round_metrics(setup, ctx, repaired, held_out=not note)
         if not metrics["gate_passed"]:
-            return _reject(sessions, ctx, metrics, start)
+            return _reject(sessions, ctx, metrics, start, setup.ids)
         metrics["seconds"] = time.perf_counter() - start
         path = publish_round(
             sessions=sessions,
@@ -211,8 +176,9 @@ def _round_metrics(
     pair, gate, spec = ctx.pair, ctx.gate, ctx.pair.goodnet.manifest.input
     before = {role: pair.member(role).model for role in ROLES}
     assert pair.policy is not None  # with_policy resolved it
+    origin = None if setup.origin is None else {r: setup.origin.member(r).model for r in ROLES}
     gate_metrics, passed = gate_round(
-        before, repaired.models, gate, spec, ctx.cfg, pair.policy, pair.defense.params
+        before, repaired.models, gate, spec, ctx.cfg, pair.policy, pair.defense.params, origin
     )
     members = {
         role: {
@@ -246,21 +212,27 @@ def _merge(metrics: dict[str, Any], more: dict[str, Any]) -> None:
 
 
 def _reject(
-    sessions: sessionmaker[Session], ctx: RoundContext, metrics: dict[str, Any], start: float
+    sessions: sessionmaker[Session],
+    ctx: RoundContext,
+    metrics: dict[str, Any],
+    start: float,
+    ids: list[int],
 ) -> RepairOutcome:
+    """Fail the gate: the round's samples are set aside with it, nothing is activated."""
     metrics["seconds"] = time.perf_counter() - start
     with transaction(sessions) as session:
+        consume(session, ids, ctx.round_no)
         finish_round(
             session=session,
             round_no=ctx.round_no,
             status="rejected",
-            samples_used=0,
+            samples_used=len(ids),
             metrics=metrics,
         )
     ctx.progress(
-        f"round {ctx.round_no} rejected by its gate: {describe_gate(metrics['gate'])} on the "
-        f"gate split (allowed: a drop of at most {ctx.cfg.ca_drop:g} points, at most "
-        f"{ctx.cfg.max_clean_suspect:g}% flagged); round {ctx.pair.round} keeps serving"
+        f"round {ctx.round_no} rejected by its gate on the gate split: "
+        f"{'; '.join(metrics['gate']['failures'])}. Round {ctx.pair.round} keeps serving; "
+        f"its {len(ids)} samples are set aside"
     )
     return RepairOutcome(ctx.round_no, "rejected", metrics, None)
 

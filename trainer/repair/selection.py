@@ -7,13 +7,15 @@ CycleGAN per target", "Borderline images").
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.bundle import Bundle
 from core.errors import UserError
 from core.pair import ModelPair, load_round_pair
-from core.quarantine import decode_sample, pending_samples, round_models
+from core.quarantine import client_quota, decode_sample, pending_samples, round_models
 from trainer.data import Dataset
 from trainer.repair.config import RepairConfig
 
@@ -21,21 +23,47 @@ from trainer.repair.config import RepairConfig
 def pending_quarantine(
     sessions: sessionmaker[Session], cfg: RepairConfig, shape: tuple[int, int, int]
 ) -> tuple[list[int], np.ndarray]:
-    """(ids, images) of the pending samples of the model's ``shape``; refuses fewer than
-    ``cfg.min_samples``."""
+    """(ids, images) of the pending samples of the model's ``shape``, oldest first, with no
+    client giving more than ``cfg.max_client_share`` of them (the rest stay pending), at
+    most ``cfg.max_samples``; refuses fewer than ``cfg.min_samples``."""
     with sessions() as session:
         rows = [
-            r
-            for r in pending_samples(session=session, limit=cfg.max_samples)
-            if (r.height, r.width, r.channels) == shape
+            r for r in pending_samples(session=session) if (r.height, r.width, r.channels) == shape
         ]
-        ids, images = [r.id for r in rows], [decode_sample(r) for r in rows]
+        counts = Counter(r.client for r in rows)
+        quota = client_quota(dict(counts), cfg.max_client_share)
+        taken: Counter[str | None] = Counter()
+        chosen = []
+        for r in rows:
+            if taken[r.client] < quota:
+                taken[r.client] += 1
+                chosen.append(r)
+        chosen = chosen[: cfg.max_samples]
+        ids, images = [r.id for r in chosen], [decode_sample(r) for r in chosen]
     if len(images) < cfg.min_samples:
-        raise UserError(
-            f"{len(images)} quarantined samples of shape {shape} are pending; the round needs "
-            f"at least {cfg.min_samples} (min_samples: --min-samples, or the BQG_REPAIR_CONFIG file)"
-        )
+        raise UserError(_too_few(len(images), len(rows), counts, shape, cfg))
     return ids, np.stack(images)
+
+
+def _too_few(
+    usable: int,
+    pending: int,
+    counts: Counter[str | None],
+    shape: tuple[int, ...],
+    cfg: RepairConfig,
+) -> str:
+    capped = ""
+    if usable < pending:
+        top, n = counts.most_common(1)[0]
+        capped = (
+            f" ({pending} pending, but no client may give more than {cfg.max_client_share:g} "
+            f"of a round, and {top or 'an unnamed client'} sent {n}: a round needs samples "
+            "from more clients)"
+        )
+    return (
+        f"{usable} quarantined samples of shape {shape} are usable{capped}; the round needs "
+        f"at least {cfg.min_samples} (min_samples: --min-samples, or the BQG_REPAIR_CONFIG file)"
+    )
 
 
 def load_suspect(
@@ -52,6 +80,18 @@ def load_suspect(
         if all(m.role != "badnet" for m in round_models(session=session, round_no=0)):
             return pair.badnet  # a store without round 0's files: the active member will do
         return load_round_pair(session, 0, trusted_modules=trusted_modules).badnet
+
+
+def load_origin(
+    sessions: sessionmaker[Session], pair: ModelPair, trusted_modules: tuple[str, ...]
+) -> ModelPair | None:
+    """Round 0's pair (sha256-checked), the gate's fixed reference; None without its files."""
+    if pair.round == 0:
+        return pair
+    with sessions() as session:
+        if len(round_models(session=session, round_no=0)) < 2:
+            return None
+        return load_round_pair(session, 0, trusted_modules=trusted_modules)
 
 
 def confident_mask(suspect: Bundle, images: np.ndarray, min_score: float) -> np.ndarray:
