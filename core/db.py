@@ -13,10 +13,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Engine, create_engine, event, func, inspect, select, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -167,3 +168,13 @@ def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
     """A session in one transaction: committed on success, rolled back on any error."""
     with sessions() as session, session.begin():
         yield session
+
+
+def db_now(session: Session) -> datetime:
+    """The database server's clock, in UTC: every lease time comes from this one clock,
+    since runners on different hosts would otherwise compare their own clocks' skew."""
+    if session.get_bind().dialect.name == "sqlite":
+        text_now = session.scalar(select(func.strftime("%Y-%m-%d %H:%M:%f", "now")))
+        return datetime.fromisoformat(str(text_now)).replace(tzinfo=UTC)
+    value: datetime = session.scalar(select(func.now()))  # type: ignore[assignment]
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)

@@ -13,7 +13,7 @@ import hashlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
@@ -21,9 +21,9 @@ from numpy.typing import NDArray
 from PIL import Image
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from core.db import transaction
+from core.db import db_now
 from core.errors import UserError
 from core.images import encode_png
 from core.schema import (
@@ -36,7 +36,7 @@ from core.schema import (
 )
 
 Role = Literal["badnet", "goodnet"]
-FinalStatus = Literal["succeeded", "rejected"]
+FinalStatus = Literal["succeeded", "rejected", "awaiting_approval"]
 
 
 class StoreInputError(UserError):
@@ -315,9 +315,12 @@ def finish_round(
     samples_used: int,
     metrics: dict[str, Any],
 ) -> RepairRound:
-    """Close a running round as succeeded (may be activated) or rejected by its gate."""
-    if status not in ("succeeded", "rejected"):
-        raise StoreInputError(f"a round finishes as succeeded or rejected, not {status!r}")
+    """Close a running round as succeeded (may be activated), rejected by its gate, or
+    awaiting an operator's approval (``BQG_REPAIR_APPROVAL=manual``)."""
+    if status not in ("succeeded", "rejected", "awaiting_approval"):
+        raise StoreInputError(
+            f"a round finishes as succeeded, rejected or awaiting_approval, not {status!r}"
+        )
     row = _running(session, round_no)
     row.status, row.finished_at, row.samples_used, row.metrics = (
         status,
@@ -327,6 +330,31 @@ def finish_round(
     )
     session.flush()
     return row
+
+
+def decide_approval(*, session: Session, round_no: int, approve: bool, by: str) -> RepairRound:
+    """An operator's verdict on a round awaiting approval: approved, it is succeeded and
+    active; declined, it is rejected (its samples stay set aside)."""
+    row = session.get(RepairRound, round_no)
+    if row is None or row.status != "awaiting_approval":
+        state = "does not exist" if row is None else f"is {row.status}"
+        raise StoreInputError(
+            f"round {round_no} {state}; only a round awaiting approval can be decided"
+        )
+    if approve:
+        row.status = "succeeded"
+        session.flush()
+        activate_round(session=session, round_no=round_no, activated_by=by)
+    else:
+        row.status, row.error = "rejected", f"declined by {by}"[:4000]
+        session.flush()
+    return row
+
+
+def awaiting_rounds(*, session: Session) -> list[int]:
+    """Rounds that passed their gate and wait for an operator (oldest first)."""
+    stmt = select(RepairRound.round).where(RepairRound.status == "awaiting_approval")
+    return sorted(session.scalars(stmt))
 
 
 def fail_round(*, session: Session, round_no: int, error: str) -> RepairRound:
@@ -430,124 +458,3 @@ def round_models(*, session: Session, round_no: int) -> list[ModelVersion]:
             select(ModelVersion).where(ModelVersion.round == round_no).order_by(ModelVersion.role)
         )
     )
-
-
-# ------------------------------------------------------------------------------ leases
-
-
-def db_now(session: Session) -> datetime:
-    """The database server's clock, in UTC: every lease time comes from this one clock,
-    since runners on different hosts would otherwise compare their own clocks' skew."""
-    if session.get_bind().dialect.name == "sqlite":
-        text_now = session.scalar(select(func.strftime("%Y-%m-%d %H:%M:%f", "now")))
-        return datetime.fromisoformat(str(text_now)).replace(tzinfo=UTC)
-    value: datetime = session.scalar(select(func.now()))  # type: ignore[assignment]
-    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def retry_at(*, session: Session, base_seconds: float, max_factor: int = 64) -> datetime | None:
-    """When the next automatic round may start: after k rounds in a row that were rejected
-    or failed, ``base_seconds * 2**(k-1)`` (at most ``max_factor`` times) after the last one
-    ended; None after a success or before any round. Read from the store, so the back-off
-    holds across watchers and restarts, and a flood that keeps failing the gate buys ever
-    rarer rounds."""
-    rows = session.scalars(
-        select(RepairRound)
-        .where(RepairRound.round > 0)
-        .order_by(RepairRound.round.desc())
-        .limit(max_factor.bit_length() + 1)
-    )
-    misses, last = 0, None
-    for row in rows:
-        if row.status not in ("rejected", "failed"):
-            break
-        last = last or row.finished_at or row.heartbeat_at or row.started_at
-        misses += 1
-    if misses == 0 or last is None:
-        return None
-    return last + timedelta(seconds=base_seconds * min(2 ** (misses - 1), max_factor))
-
-
-def next_round_number(*, session: Session) -> int:
-    """One more than the highest round ever opened (0 when there is none)."""
-    highest = session.scalar(select(func.max(RepairRound.round)))
-    return 0 if highest is None else int(highest) + 1
-
-
-def running_rounds(*, session: Session) -> list[RepairRound]:
-    return list(
-        session.scalars(
-            select(RepairRound).where(RepairRound.status == "running").with_for_update()
-        )
-    )
-
-
-def expire_stale_rounds(
-    *, session: Session, lease: timedelta, now: datetime | None = None
-) -> list[int]:
-    """Fail running rounds whose heartbeat is older than ``lease`` (their runner died)."""
-    now = now or db_now(session)
-    expired = []
-    for row in running_rounds(session=session):
-        beat = row.heartbeat_at or row.started_at or now
-        if now - beat > lease:
-            row.status, row.finished_at = "failed", now
-            row.error = (
-                f"lease expired: {row.owner or 'its runner'} last reported at {beat.isoformat()}"
-            )
-            expired.append(row.round)
-    session.flush()
-    return expired
-
-
-# Any fixed 64-bit number: PostgreSQL's advisory lock that claimers of a round queue for.
-CLAIM_LOCK = 0x6271_6700_C1A1  # "bqg" claim
-
-
-def claim_round(
-    *, session: Session, owner: str, lease: timedelta, round_no: int | None = None
-) -> int | None:
-    """Open the next round (or ``round_no``) for ``owner``, unless another one is running.
-
-    The database is the lock: a running round with a fresh heartbeat means someone else
-    holds the lease (None is returned). Claimers queue for the check-and-open: SQLite's
-    ``BEGIN IMMEDIATE`` serialises writers, and on PostgreSQL a transaction-scoped advisory
-    lock does, since under READ COMMITTED each statement sees a fresh snapshot and two
-    claimers would otherwise both find nothing running and open two rounds (a race that
-    ``test_racing_claimers_get_one_round_and_the_others_a_clean_no`` showed). Stale running
-    rounds are failed first.
-    """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK)))
-    expire_stale_rounds(session=session, lease=lease)
-    if running_rounds(session=session):
-        return None
-    number = next_round_number(session=session) if round_no is None else round_no
-    open_round(session=session, round_no=number, owner=owner)
-    return number
-
-
-def try_claim_round(
-    sessions: sessionmaker[Session],
-    *,
-    owner: str,
-    lease: timedelta,
-    round_no: int | None = None,
-) -> int | None:
-    """``claim_round`` in a transaction of its own, committed before it returns."""
-    with transaction(sessions) as session:
-        return claim_round(session=session, owner=owner, lease=lease, round_no=round_no)
-
-
-def heartbeat(*, session: Session, round_no: int, owner: str) -> bool:
-    """Refresh a running round's lease; False if it is no longer this owner's running round."""
-    stmt = (
-        update(RepairRound)
-        .where(
-            RepairRound.round == round_no,
-            RepairRound.status == "running",
-            RepairRound.owner == owner[:128],
-        )
-        .values(heartbeat_at=db_now(session))
-    )
-    return bool(session.execute(stmt).rowcount)  # type: ignore[attr-defined]

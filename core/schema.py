@@ -31,7 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 ROLES = ("badnet", "goodnet")
-ROUND_STATUSES = ("pending", "running", "succeeded", "rejected", "failed")
+ROUND_STATUSES = ("pending", "running", "succeeded", "rejected", "failed", "awaiting_approval")
 # A BIGINT primary key that is still SQLite's auto-incrementing rowid.
 BigId = BigInteger().with_variant(Integer, "sqlite")
 
@@ -120,7 +120,7 @@ class RepairRound(Base):
     )
 
     round: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(32), default="pending")
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     samples_used: Mapped[int] = mapped_column(default=0)

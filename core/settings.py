@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -157,6 +157,11 @@ class Settings(BaseSettings):
     )
     repair_lease_seconds: float = Field(
         default=60.0, gt=0, description="A running round whose runner is silent this long is dead."
+    )
+    repair_approval: Literal["auto", "manual"] = Field(
+        default="auto",
+        description="'manual': a round that passes its gate waits as awaiting_approval "
+        "until 'trainer approve --round K' (an operator looks before it serves).",
     )
     repair_retry_seconds: float = Field(
         default=300.0, ge=0, description="Wait after a rejected or failed round before the next."

@@ -1,7 +1,7 @@
 """Hold a claimed round's lease while its work runs: a heartbeat from a thread of its own.
 
 A running round whose heartbeat is older than the lease counts as dead, and the next
-claimer fails it and starts its own (``core.quarantine.claim_round``). So every path that
+claimer fails it and starts its own (``core.leases.claim_round``). So every path that
 runs a round (the watcher's Ray task, its in-process fallback, ``trainer retrain``)
 beats from a thread, independent of how long a training step takes; and when a beat finds
 the round no longer this owner's (failed by another claimer, or by an operator), the work
@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import transaction
-from core.quarantine import heartbeat
+from core.leases import heartbeat
 
 log = logging.getLogger(__name__)
 

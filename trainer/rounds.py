@@ -3,11 +3,14 @@
 A round's files live in ``<store>/rounds/<K>/`` (``badnet/``, ``goodnet/``, reports). They
 are written to a temporary sibling and renamed into place before the round's rows are
 registered, so a registered bundle path always exists; if registering fails, the files
-are removed again and nothing points at them.
+are removed again and nothing points at them. Files the store registers are never removed
+or overwritten here: when a commit's outcome is unknown (the connection broke as it
+committed), the store is asked, and if it cannot answer, the files stay.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -15,13 +18,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.bundle import read_manifest
 from core.db import transaction
 from core.pair import ROLES, RoundDefense, write_round_manifest
-from core.quarantine import activate_round, fail_round, finish_round, open_round, register_model
+from core.quarantine import (
+    FinalStatus,
+    StoreInputError,
+    activate_round,
+    fail_round,
+    finish_round,
+    open_round,
+    register_model,
+    round_models,
+)
 from core.schema import RepairRound
+
+log = logging.getLogger(__name__)
 
 
 def round_dir(store: Path, round_no: int) -> Path:
@@ -70,11 +85,12 @@ def publish_round(
     activated_by: str = "trainer",
     after_register: Callable[[Session], None] = lambda s: None,
     defense: RoundDefense | None = None,
+    status: FinalStatus = "succeeded",
 ) -> Path:
     """Write the round's files (``write`` fills a directory with badnet/ and goodnet/ bundles
     and any reports; the round's manifest names ``defense``, NNoculation by default), then
-    register both bundles, finish the round as succeeded and, if asked, activate it, all in
-    one transaction. Returns the round directory."""
+    register both bundles, finish the round as ``status`` (succeeded, or awaiting_approval)
+    and, if asked, activate it, all in one transaction. Returns the round directory."""
     final = round_dir(store, round_no)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{round_no}.", dir=final.parent))
@@ -82,6 +98,11 @@ def publish_round(
         write(tmp)
         write_round_manifest(tmp, defense or RoundDefense())
         if final.exists():  # left by an earlier attempt that the store does not know
+            if _registered(sessions, round_no):
+                raise StoreInputError(
+                    f"round {round_no}'s files in {final} are registered in the store; "
+                    "they are never overwritten"
+                )
             shutil.rmtree(final)
         tmp.rename(final)
     except BaseException:
@@ -103,13 +124,26 @@ def publish_round(
             finish_round(
                 session=session,
                 round_no=round_no,
-                status="succeeded",
+                status=status,
                 samples_used=samples_used,
                 metrics=metrics,
             )
             if activate:
                 activate_round(session=session, round_no=round_no, activated_by=activated_by)
     except BaseException:
-        shutil.rmtree(final, ignore_errors=True)
+        if not _registered(sessions, round_no):
+            shutil.rmtree(final, ignore_errors=True)
+        else:
+            log.error("round %d was committed before the error; its files stay", round_no)
         raise
     return final
+
+
+def _registered(sessions: sessionmaker[Session], round_no: int) -> bool:
+    """Whether the store registers models for ``round_no``; True when it cannot say, since
+    an orphan directory costs disk and a deleted registered one costs a round."""
+    try:
+        with sessions() as session:
+            return bool(round_models(session=session, round_no=round_no))
+    except (SQLAlchemyError, OSError):
+        return True

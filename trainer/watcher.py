@@ -9,7 +9,7 @@ round's primary key) and runs :func:`trainer.repair.runner.run_repair_round` as 
 runs the watcher refreshes the lease; if the task dies (killed, out of memory), the
 watcher marks the round failed, and the active round keeps serving. After a rejected or
 failed round it waits ``repair_retry_seconds``, doubled for each such round in a row
-(``core.quarantine.retry_at``), before trying again.
+(``core.leases.retry_at``), before trying again.
 
 Metrics (prometheus-client, on ``watcher_metrics_port``): pending samples, round duration
 and rounds by outcome; names in :data:`core.metrics.WATCHER_EXPORTED`.
@@ -27,15 +27,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from core.db import make_engine, session_factory
+from core.db import db_now, make_engine, session_factory
+from core.leases import retry_at, try_claim_round
 from core.metrics import PENDING, REPAIR_ROUNDS, REPAIR_SECONDS, WATCHER_EXPORTED
-from core.quarantine import (
-    db_now,
-    eligible_count,
-    pending_by_client,
-    retry_at,
-    try_claim_round,
-)
+from core.quarantine import awaiting_rounds, eligible_count, pending_by_client
 from core.settings import Settings, public_settings, settings_from_public
 from trainer.lease import LeaseKeeper
 from trainer.repair import RepairConfig, load_repair_config
@@ -164,6 +159,7 @@ class Watcher:
             counts = pending_by_client(session=session)
             not_before = retry_at(session=session, base_seconds=self.settings.repair_retry_seconds)
             waiting = not_before is not None and db_now(session) < not_before
+            waiting = waiting or bool(awaiting_rounds(session=session))  # an operator decides
         pending = sum(counts.values())
         self.metrics.pending.set(pending)
         result = PollResult(pending)

@@ -24,6 +24,7 @@ from core.db import (
     session_factory,
     transaction,
 )
+from core.leases import try_claim_round
 from core.quarantine import (
     NewSample,
     StoreInputError,
@@ -42,7 +43,6 @@ from core.quarantine import (
     register_model,
     replay_segment,
     take_pending,
-    try_claim_round,
 )
 from core.schema import ActiveRound, QuarantineSample
 from tests.store_helpers import (

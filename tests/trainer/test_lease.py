@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from core.db import open_store, session_factory, transaction
-from core.quarantine import db_now, fail_round, open_round
+from core.db import db_now, open_store, session_factory, transaction
+from core.quarantine import fail_round, open_round
 from core.schema import RepairRound
 from trainer.lease import LeaseKeeper, LeaseLost
 

@@ -21,19 +21,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
 from core.bundle import load_bundle
-from core.db import transaction
+from core.db import db_now, transaction
 from core.defenses import with_policy
 from core.defenses.nnoculation import GoodNetPolicy
+from core.leases import retry_at
 from core.pair import load_round_pair
-from core.quarantine import (
-    NewSample,
-    active_round,
-    add_samples,
-    client_quota,
-    db_now,
-    list_rounds,
-    retry_at,
-)
+from core.quarantine import NewSample, active_round, add_samples, client_quota, list_rounds
 from core.schema import QuarantineSample, RepairRound
 from core.settings import Settings
 from tests.helpers import SHAPE, TARGET, TINY_REPAIR, Lab, lab_store, make_blobs

@@ -17,13 +17,8 @@ from core.db import open_store, session_factory, transaction
 from core.defenses.bbd import RejectPolicy
 from core.defenses.nnoculation import GoodNetPolicy
 from core.errors import DataError, UserError
-from core.quarantine import (
-    active_round,
-    claim_round,
-    heartbeat,
-    list_rounds,
-    pending_count,
-)
+from core.leases import claim_round, heartbeat
+from core.quarantine import active_round, list_rounds, pending_count
 from tests.helpers import (
     SHAPE,
     TARGET,

@@ -9,18 +9,18 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from core.db import safe_url, transaction
+from core.db import db_now, safe_url, transaction
 from core.defenses import defense_names, get_defense
 from core.errors import UserError
+from core.leases import retry_at, try_claim_round
 from core.quarantine import (
     activate_round,
     active_round_number,
-    db_now,
+    decide_approval,
     list_rounds,
     pending_count,
-    retry_at,
-    try_claim_round,
 )
+from core.schema import RepairRound
 from core.settings import Settings
 from trainer.cli.common import (
     DbOpt,
@@ -125,7 +125,7 @@ def retrain_cmd(
             )
         except LeaseLost as exc:
             raise UserError(f"{exc} (see 'trainer status')") from None
-    if outcome.status != "succeeded":
+    if outcome.status not in ("succeeded", "awaiting_approval"):
         raise SystemExit(1)
 
 
@@ -142,51 +142,57 @@ def status_cmd(db: DbOpt = None, store: StoreOpt = None) -> None:
         waiting = not_before is not None and db_now(session) < not_before
     table = Table(title=f"Rounds in {safe_url(settings.db_url)}")
     for name in ("round", "status", "samples", "served CA", "duration", "active", "note"):
-        table.add_column(name, justify="right" if name != "note" else "left")
+        note = name == "note"  # the one column that may wrap; the others read whole
+        table.add_column(
+            name, justify="left" if note else "right", no_wrap=not note, overflow="fold"
+        )
     for r in rounds:
-        ca = next(
-            (
-                r.metrics[k]
-                for k in (
-                    "clean_accuracy_served",
-                    "clean_accuracy_goodnet",
-                    "goodnet_clean_accuracy",
-                )
-                if k in r.metrics
-            ),
-            None,
-        )
-        seconds = (
-            (r.finished_at - r.started_at).total_seconds()
-            if r.finished_at and r.started_at
-            else None
-        )
-        failures = r.metrics.get("gate", {}).get("failures") if r.status == "rejected" else None
-        note = (
-            r.error
-            or ("; ".join(failures) if failures else "")
-            or ("gate failed" if r.status == "rejected" else "")
-        )
-        if r.status == "running":
-            note = f"run by {r.owner or '?'}"
-        table.add_row(
-            str(r.round),
-            r.status,
-            str(r.samples_used),
-            "" if ca is None else f"{100 * ca:.2f}%",
-            "" if seconds is None else f"{seconds:.0f}s",
-            "yes" if r.round == active else "",
-            note[:80],
-        )
+        table.add_row(*_round_row(r, active))
     out_console.print(table)
     out_console.print(
         f"pending quarantined samples: {pending} (a round starts at N = {settings.quarantine_threshold})"
     )
+    for r in rounds:
+        if r.status == "awaiting_approval":
+            out_console.print(
+                f"round {r.round} awaits approval: trainer approve --round {r.round} "
+                "(or --decline)"
+            )
     if waiting and not_before is not None:
         out_console.print(
             f"after rejected or failed rounds, the watcher starts none before "
             f"{not_before:%Y-%m-%d %H:%M:%S} UTC ('trainer retrain' may run one now)"
         )
+
+
+CA_KEYS = ("clean_accuracy_served", "clean_accuracy_goodnet", "goodnet_clean_accuracy")
+
+
+def _round_row(r: RepairRound, active: int | None) -> tuple[str, ...]:
+    """One row of 'trainer status': the round's numbers and a note on what it waits for."""
+    ca = next((r.metrics[k] for k in CA_KEYS if k in r.metrics), None)
+    seconds = (
+        (r.finished_at - r.started_at).total_seconds() if r.finished_at and r.started_at else None
+    )
+    failures = r.metrics.get("gate", {}).get("failures") if r.status == "rejected" else None
+    note = (
+        r.error
+        or ("; ".join(failures) if failures else "")
+        or ("gate failed" if r.status == "rejected" else "")
+    )
+    if r.status == "running":
+        note = f"run by {r.owner or '?'}"
+    elif r.status == "awaiting_approval":
+        note = "passed its gate; an operator decides"
+    return (
+        str(r.round),
+        r.status,
+        str(r.samples_used),
+        "" if ca is None else f"{100 * ca:.2f}%",
+        "" if seconds is None else f"{seconds:.0f}s",
+        "yes" if r.round == active else "",
+        note[:80],
+    )
 
 
 @app.command("rollback")
@@ -201,6 +207,31 @@ def rollback_cmd(
     with transaction(sessions) as session:
         activate_round(session=session, round_no=round_no, activated_by="trainer rollback")
     out_console.print(f"round {round_no} is active; replicas pick it up on their next poll")
+
+
+@app.command("approve")
+def approve_cmd(
+    round_no: Annotated[
+        int, typer.Option("--round", help="A round awaiting approval (see 'trainer status').")
+    ],
+    decline: Annotated[
+        bool, typer.Option("--decline", help="Reject it instead; its samples stay set aside.")
+    ] = False,
+    db: DbOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Approve round K (it becomes active) or decline it, under BQG_REPAIR_APPROVAL=manual."""
+    settings = _settings(db, store)
+    sessions = _open_sessions(settings)
+    by = f"trainer approve ({getpass_user()})"
+    with transaction(sessions) as session:
+        decide_approval(session=session, round_no=round_no, approve=not decline, by=by)
+    if decline:
+        out_console.print(f"round {round_no} is declined (rejected); the active round serves on")
+    else:
+        out_console.print(
+            f"round {round_no} is approved and active; replicas pick it up on their next poll"
+        )
 
 
 @app.command("watch")

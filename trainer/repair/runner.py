@@ -49,7 +49,9 @@ from trainer.splits import check_validation, gate_split, split_record
 @dataclass
 class RepairOutcome:
     round: int
-    status: str  # succeeded or rejected (a crash raises; benchmarks add "refused")
+    status: (
+        str  # succeeded, awaiting_approval or rejected (a crash raises; benchmarks add "refused")
+    )
     metrics: dict[str, Any]
     path: Path | None  # the round directory, when it succeeded
 
@@ -121,9 +123,11 @@ def run_repair_round(
     opened: bool = False,
     progress: Progress = lambda message: None,
     make_repairer: Callable[[str, RepairConfig], Repairer] = _default_repairer,
+    approval: str = "auto",
 ) -> RepairOutcome:
     """Run round ``round_no`` (opened here unless the caller ``opened`` it) to its end, with
-    the repairer of the active round's defense."""
+    the repairer of the active round's defense; with ``approval`` 'manual' a round that
+    passes its gate waits for 'trainer approve' instead of serving."""
     start = time.perf_counter()
     try:  # refuse bad input before the round exists (a claimed round is failed instead)
         setup = _setup(sessions, valid, cfg, trusted_modules, make_repairer)
@@ -147,6 +151,7 @@ def run_repair_round(
         if not metrics["gate_passed"]:
             return _reject(sessions, ctx, metrics, start, setup.ids)
         metrics["seconds"] = time.perf_counter() - start
+        manual = approval == "manual"
         path = publish_round(
             sessions=sessions,
             store=store,
@@ -157,16 +162,25 @@ def run_repair_round(
             activated_by=owner or "trainer",
             after_register=lambda session: consume(session, setup.ids, round_no),
             defense=pair.defense,
+            activate=not manual,
+            status="awaiting_approval" if manual else "succeeded",
         )
         members = metrics["members"]
+        state = (
+            f"awaits approval ('trainer approve --round {round_no}'; round {pair.round} serves)"
+            if manual
+            else "is active"
+        )
         progress(
-            f"round {round_no} is active: served CA "
+            f"round {round_no} {state}: served CA "
             f"{100 * metrics['clean_accuracy_served']:.2f}% "
             f"(goodnet {100 * members['goodnet']['after']:.2f}%, "
             f"badnet {100 * members['badnet']['after']:.2f}%) on the gate split, "
             f"{len(setup.ids)} samples, {metrics['seconds']:.0f}s"
         )
-        return RepairOutcome(round_no, "succeeded", metrics, path)
+        return RepairOutcome(
+            round_no, "awaiting_approval" if manual else "succeeded", metrics, path
+        )
 
 
 def _round_metrics(
@@ -299,4 +313,5 @@ def run_claimed_round(
         owner=owner,
         opened=True,
         progress=progress,
+        approval=settings.repair_approval,
     )
