@@ -31,6 +31,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.lab_pair import round_zero
 from benchmarks.results import checks_line, provenance, publish
 
 NAME = "hostile_http"
@@ -211,42 +212,6 @@ def hammer(url: str, count: int, ordinary_body: bytes) -> dict[str, Any]:
     }
 
 
-def _round_zero(store: Path, db_url: str) -> np.ndarray:
-    """Round 0: a one-epoch patch BadNet and clean model on 2,000 Fashion-MNIST images.
-    Returns a held-out image for the ordinary client."""
-    from core.db import open_store, session_factory
-    from core.settings import Settings
-    from trainer.data import load_fashion_mnist
-    from trainer.lab import CLEAN, fabricate
-    from trainer.loop import FitConfig
-    from trainer.rounds import publish_round, running_round
-
-    root = Settings().fashion_mnist_dir
-    train = load_fashion_mnist(root, "train").take(slice(0, 2000))
-    heldout = load_fashion_mnist(root, "heldout").take(slice(0, 200))
-    for name, attack in (("badnet", "patch"), ("goodnet", CLEAN)):
-        fabricate(
-            train=train,
-            heldout=heldout,
-            attack_name=attack,
-            target=0,
-            out=store / "zoo" / name,
-            fit_config=FitConfig(epochs=1),
-            progress=False,
-        )
-    sessions = session_factory(open_store(db_url))
-
-    def write(out: Path) -> None:
-        import shutil
-
-        for name in ("badnet", "goodnet"):
-            shutil.copytree(store / "zoo" / name, out / name)
-
-    with running_round(sessions, 0):
-        publish_round(sessions=sessions, store=store, round_no=0, write=write, metrics={})
-    return heldout.x[0]
-
-
 def run(count: int) -> dict[str, Any]:
     started = provenance()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -260,7 +225,7 @@ def run(count: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp)
         db_url = f"sqlite:///{store / 'q.db'}"
-        image = _round_zero(store, db_url)
+        image = round_zero(store, db_url)[0]
         os.environ["BQG_ADMIN_TOKEN"] = "hostile-bench-token"  # the replicas inherit it
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         port = 8766

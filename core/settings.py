@@ -164,7 +164,10 @@ class Settings(BaseSettings):
         "until 'trainer approve --round K' (an operator looks before it serves).",
     )
     repair_retry_seconds: float = Field(
-        default=300.0, ge=0, description="Wait after a rejected or failed round before the next."
+        default=300.0,
+        ge=0,
+        description="Wait after a rejected or failed round before the next, doubled for "
+        "each such round in a row (at most 64 times).",
     )
 
     @field_validator("db", "admin_token")

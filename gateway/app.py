@@ -231,5 +231,7 @@ def build_app(args: GatewayArgs) -> Application:
         num_replicas=args.ensemble_replicas,
         ray_actor_options={"num_cpus": 0},
     ).bind(args)
-    app: Application = Ingress.options(ray_actor_options={"num_cpus": 0}).bind(ensemble, args)  # type: ignore[attr-defined]
+    app: Application = Ingress.options(  # type: ignore[attr-defined]
+        num_replicas=args.ingress_replicas, ray_actor_options={"num_cpus": 0}
+    ).bind(ensemble, args)
     return app

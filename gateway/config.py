@@ -31,6 +31,7 @@ class GatewayArgs(BaseModel):
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=1)
     ensemble_replicas: int = Field(default=1, ge=1)
+    ingress_replicas: int = Field(default=1, ge=1)
     threads_per_replica: int = Field(default=1, ge=1)
     defense_modules: list[str] | None = Field(
         default=None, description="Modules that register more defenses; default from settings."
