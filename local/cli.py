@@ -7,6 +7,10 @@ by flags), prints the URLs and serves until Ctrl-C, which shuts Serve and Ray do
 
 from __future__ import annotations
 
+from core.ray_auth import token_auth_by_default
+
+token_auth_by_default()  # before any module below imports ray
+
 import faulthandler
 import os
 import signal
@@ -166,7 +170,6 @@ def local_gateway(
     Yields the watcher actor handle, or None without ``watch``. ``quiet`` keeps the
     replicas' logs (and Serve's access log) in Ray's log files, off the terminal.
     """
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray makes the local cluster a token
 
     import ray
     from ray import serve

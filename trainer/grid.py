@@ -154,7 +154,6 @@ def start_local_ray(threads: int) -> bool:
         return False
     if ray.is_initialized():
         return True
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray makes the local cluster a token
     common: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
     try:
         if os.environ.get("RAY_ADDRESS"):

@@ -6,6 +6,10 @@ exception is a bug and keeps its traceback. The commands live by topic in this p
 
 from __future__ import annotations
 
+from core.ray_auth import token_auth_by_default
+
+token_auth_by_default()  # before any module below imports ray
+
 from core.errors import UserError
 from trainer.cli import lab, prepare, rounds
 from trainer.cli.common import app, err_console
