@@ -2,6 +2,7 @@
 point or the process matters, and ``call_cli`` (the same ``main``, in-process) for refusals."""
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -324,3 +325,22 @@ def test_import_passes_a_user_class_only_the_arguments_it_takes(
     x = np.random.default_rng(0).integers(0, 256, size=(4, 28, 28, 1), dtype=np.uint8)
     with torch.no_grad():
         assert torch.equal(bundle.logits(x), model(bundle.manifest.input.to_tensor(x)))
+
+
+@pytest.mark.parametrize("module", ["trainer.cli", "local.cli"])
+def test_the_console_scripts_turn_ray_token_auth_on_before_ray_loads(module: str) -> None:
+    """Ray reads RAY_AUTH_MODE at import: each console script sets the default before any
+    import of its own loads ray, and an operator's own setting wins."""
+    code = (
+        f"import {module}; "
+        "from ray._private.authentication.authentication_utils import is_token_auth_enabled; "
+        "print('token' if is_token_auth_enabled() else 'disabled')"
+    )  # what Ray itself took, not the variable read back
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    unset = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert unset.stdout.strip() == "token", unset.stderr
+    chosen = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "RAY_AUTH_MODE": "disabled"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert chosen.stdout.strip() == "disabled", chosen.stderr
