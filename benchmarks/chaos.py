@@ -46,7 +46,8 @@ PORT = 8767
 POSTGRES_URL = os.environ.get(
     "BQG_CHAOS_POSTGRES_URL", "postgresql+psycopg://bqg:bqg@127.0.0.1:5432/bqg_chaos"
 )
-RECIPE = '{"preset": "tiny", "epochs": 3, "clean_images": 100}'
+# min_score 0: the one-epoch lab BadNet is rarely 99% sure, and the rounds should run
+RECIPE = '{"preset": "tiny", "epochs": 3, "clean_images": 100, "min_score": 0.0}'
 
 
 class Load(threading.Thread):
@@ -92,7 +93,7 @@ class Load(threading.Thread):
             suspect = ok and bool(r.json().get("suspect"))
         except (httpx.HTTPError, ValueError):
             ok, suspect = False, False
-        self.answers.append(Answer(sent, ok, suspect, sha))
+        self.answers.append(Answer(sent, ok, suspect, sha, time.monotonic() - self.t0))
 
 
 def _database() -> tuple[str, str]:

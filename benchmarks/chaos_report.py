@@ -16,6 +16,13 @@ class Answer:
     ok: bool
     suspect: bool
     sha: str
+    done: float = -1.0  # when the answer (or the error) came; -1: at ``sent``
+
+    @property
+    def at(self) -> float:
+        """The time a window counts it at: when it ended, since a request in flight when a
+        fault strikes fails because of that fault."""
+        return self.done if self.done >= 0 else self.sent
 
 
 def analyse(
@@ -28,16 +35,18 @@ def analyse(
     """One row per window: before the first fault, then each fault until the next."""
     starts = [0.0] + [f["injected"] for f in faults]
     names = ["no fault (baseline)"] + [f["fault"] for f in faults]
+    ordered = sorted(answers, key=lambda a: a.at)
     last_suspect: dict[str, float] = {}
-    for a in answers:
+    for a in ordered:
         if a.suspect:
-            last_suspect[a.sha] = max(a.sent, last_suspect.get(a.sha, 0.0))
+            last_suspect[a.sha] = a.at
     rows = []
     for i, (start, name) in enumerate(zip(starts, names, strict=True)):
         stop = starts[i + 1] if i + 1 < len(starts) else end
-        inside = sorted((a for a in answers if start <= a.sent < stop), key=lambda a: a.sent)
-        failed = [a.sent for a in inside if not a.ok]
-        back = next((a.sent for a in inside if a.ok and failed and a.sent > failed[-1]), None)
+        inside = [a for a in ordered if start <= a.at < stop]
+        failed = [a.at for a in inside if not a.ok]
+        # back: the first success after the window's last failure, in this window or later
+        back = next((a.at for a in ordered if a.ok and failed and a.at > failed[-1]), end)
         lost = [sha for sha, t in last_suspect.items() if start <= t < stop and sha not in stored]
         row: dict[str, Any] = {
             "window": name,
@@ -46,14 +55,14 @@ def analyse(
             "suspects": len({a.sha for a in inside if a.suspect}),
             "rows_lost": len(lost),
             "most_rounds_running": max((n for t, n in running if start <= t < stop), default=0),
-            "recovery_s": 0.0 if not failed else (back or stop) - start,
+            "recovery_s": 0.0 if not failed else back - start,
         }
         if i > 0:
             fault = faults[i - 1]
             row.update(sigkill=fault["sigkill"], error=fault.get("error"))
             if fault["sigkill"]:  # the suspects a killed writer could still have queued
                 row["suspects_in_last_batch_window"] = len(
-                    {a.sha for a in answers if a.suspect and start - KILL_WINDOW <= a.sent < start}
+                    {a.sha for a in answers if a.suspect and start - KILL_WINDOW <= a.at < start}
                 )
         rows.append(row)
     return rows
