@@ -178,7 +178,8 @@ def _why(r: Any) -> str:
 
     gate = (r.metrics or {}).get("gate")
     if r.status == "rejected" and gate:
-        return f"on the gate split: {describe_gate(gate)}"
+        failed = "; ".join(gate.get("failures", []))
+        return f"on the gate split: {describe_gate(gate)}" + (f"; {failed}" if failed else "")
     return str(r.error or "no reason recorded")[:300]
 
 

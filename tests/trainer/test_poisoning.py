@@ -242,3 +242,20 @@ def test_the_gate_holds_each_class_to_its_floor_and_to_round_0(lab: Lab) -> None
     )
     assert not passed and [f for f in metrics["failures"] if "(round 0)" in f]
     assert not [f for f in metrics["failures"] if "(before)" in f]
+
+
+def test_a_small_gate_split_needs_more_than_chance_to_fail_a_class() -> None:
+    """20 images of a class (the demo's gate split): 3 newly wrong is 15 points, and a
+    coin gives 3 of 3 one time in 8, so it passes; 8 of 20 lost and none gained fails."""
+    from trainer.repair.gate import _class_failures, sign_test
+
+    assert sign_test(3, 0) == 0.125 and sign_test(0, 0) == 1.0
+    y = np.zeros(20, np.int64)
+    ref = np.zeros(20, np.int64)
+    three = ref.copy()
+    three[:3] = 1
+    assert _class_failures(ref, three, y, "before", 10.0) == []
+    eight = ref.copy()
+    eight[:8] = 1
+    (line,) = _class_failures(ref, eight, y, "before", 10.0)
+    assert "class 0: 100.0% (before) -> 60.0%" in line and "8 images lost, 0 gained" in line

@@ -64,7 +64,8 @@ class RepairConfig:
     class_drop: float = option_field(
         10.0,
         "The gate's per-class floor: how many points any one class's served accuracy may "
-        "drop, against the round it replaces and against round 0.",
+        "drop, against the round it replaces and against round 0 (a larger drop fails "
+        "only when a sign test says it is not chance).",
     )
     max_clean_suspect: float = option_field(
         10.0, "The gate's bound on clean gate images flagged suspect, in percent."

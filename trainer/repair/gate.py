@@ -10,12 +10,15 @@ quarantine (issue 31's poisoning threat):
   it replaces, so drops within theta cannot add up round after round;
 - each class has its own floor (``class_drop`` points): an attacker who floods one class's
   clean images can otherwise buy a large loss on that class inside a small overall one.
+  A class fails only when its loss is also more than chance (a paired sign test), since
+  one class's share of a small gate split moves several points per image.
 
 The pair may also flag at most ``max_clean_suspect`` percent of the clean gate images.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +32,7 @@ from trainer.data import Dataset
 from trainer.repair.config import RepairConfig
 
 EPS = 1e-12  # float slack in the comparisons, so an equal score passes
+CLASS_ALPHA = 0.05  # a class's drop counts when a sign test puts it below this chance
 
 
 def runners(models: Mapping[str, nn.Module], spec: InputSpec) -> dict[str, Any]:
@@ -53,6 +57,36 @@ def per_class(labels: NDArray[np.int64], y: NDArray[Any]) -> dict[int, float]:
     """Served accuracy on each class present in ``y``."""
     y = np.asarray(y)
     return {int(c): float((labels[y == c] == c).mean()) for c in np.unique(y)}
+
+
+def sign_test(worse: int, better: int) -> float:
+    """One-sided exact sign test: the chance of ``worse`` or more of the ``worse + better``
+    changed answers going wrong if each change were a fair coin."""
+    n = worse + better
+    return sum(math.comb(n, k) for k in range(worse, n + 1)) / 2**n if n else 1.0
+
+
+def _class_failures(
+    ref: NDArray[np.int64], after: NDArray[np.int64], y: NDArray[Any], name: str, floor: float
+) -> list[str]:
+    """A class fails when it loses more than ``floor`` points and the loss is not chance:
+    the images it newly gets wrong outnumber those it newly gets right beyond
+    ``CLASS_ALPHA`` (a paired sign test), since a class's accuracy on a small gate split
+    moves by whole images (20 per class at the demo's 1,000 validation images: 5 points)."""
+    out = []
+    for c in np.unique(y):
+        mask = y == c
+        was, now = ref[mask] == c, after[mask] == c
+        drop = float(was.mean() - now.mean())
+        worse, better = int((was & ~now).sum()), int((~was & now).sum())
+        p = sign_test(worse, better)
+        if drop > floor / 100 + EPS and p < CLASS_ALPHA:
+            out.append(
+                f"class {int(c)}: {100 * was.mean():.1f}% ({name}) -> {100 * now.mean():.1f}%, "
+                f"more than the per-class floor of {floor:g} points down "
+                f"({worse} images lost, {better} gained: p = {p:.3g})"
+            )
+    return out
 
 
 def gate_round(
@@ -82,12 +116,7 @@ def gate_round(
                 f"served clean accuracy {100 * ca[ref]:.2f}% ({ref}) -> "
                 f"{100 * ca['after']:.2f}%, more than {cfg.ca_drop:g} points down"
             )
-        failures += [
-            f"class {c}: {100 * acc:.1f}% ({ref}) -> {100 * classes['after'][c]:.1f}%, more "
-            f"than the per-class floor of {cfg.class_drop:g} points down"
-            for c, acc in classes[ref].items()
-            if classes["after"][c] < acc - cfg.class_drop / 100 - EPS
-        ]
+        failures += _class_failures(answers[ref][0], answers["after"][0], y, ref, cfg.class_drop)
     if flagged["after"] > cfg.max_clean_suspect / 100 + EPS:
         failures.append(
             f"{100 * flagged['after']:.2f}% of clean gate images flagged suspect, more than "
