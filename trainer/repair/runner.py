@@ -41,7 +41,7 @@ from trainer.loop import accuracy
 from trainer.repair.base import Progress, Repaired, Repairer, RoundContext
 from trainer.repair.config import RepairConfig
 from trainer.repair.gate import gate_round
-from trainer.repair.selection import confident, load_origin, load_suspect, pending_quarantine
+from trainer.repair.selection import confident, load_origin, pending_quarantine, suspect_of
 from trainer.rounds import mark_failed, publish_round, running_round
 from trainer.splits import check_validation, gate_split, split_record
 
@@ -49,9 +49,8 @@ from trainer.splits import check_validation, gate_split, split_record
 @dataclass
 class RepairOutcome:
     round: int
-    status: (
-        str  # succeeded, awaiting_approval or rejected (a crash raises; benchmarks add "refused")
-    )
+    # succeeded, awaiting_approval or rejected (a crash raises; benchmarks add "refused")
+    status: str
     metrics: dict[str, Any]
     path: Path | None  # the round directory, when it succeeded
 
@@ -83,8 +82,8 @@ def _setup(
     pair = with_policy(load_pair(info, trusted_modules=trusted_modules))  # as replicas do
     check_validation(pair.goodnet, valid)
     ids, pending = pending_quarantine(sessions, cfg, pair.goodnet.manifest.input.shape)
-    suspect = load_suspect(sessions, pair, trusted_modules)
-    origin = load_origin(sessions, pair, trusted_modules)
+    origin = load_origin(sessions, pair, trusted_modules)  # read once: suspect and gate
+    suspect = suspect_of(pair, origin)
     kept = confident(suspect, pending, cfg)
     repairer = make_repairer(pair.defense.name, cfg)
     repairer.check(pair, sessions)

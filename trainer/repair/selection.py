@@ -66,22 +66,6 @@ def _too_few(
     )
 
 
-def load_suspect(
-    sessions: sessionmaker[Session], pair: ModelPair, trusted_modules: tuple[str, ...]
-) -> Bundle:
-    """The model as it was given to us: round 0's badnet (sha256-checked).
-
-    Repaired badnet members answer more softly (they were distilled), so the confidence
-    filter asks the original suspect, which a trigger still makes certain.
-    """
-    if pair.round == 0:
-        return pair.badnet
-    with sessions() as session:
-        if all(m.role != "badnet" for m in round_models(session=session, round_no=0)):
-            return pair.badnet  # a store without round 0's files: the active member will do
-        return load_round_pair(session, 0, trusted_modules=trusted_modules).badnet
-
-
 def load_origin(
     sessions: sessionmaker[Session], pair: ModelPair, trusted_modules: tuple[str, ...]
 ) -> ModelPair | None:
@@ -92,6 +76,16 @@ def load_origin(
         if len(round_models(session=session, round_no=0)) < 2:
             return None
         return load_round_pair(session, 0, trusted_modules=trusted_modules)
+
+
+def suspect_of(pair: ModelPair, origin: ModelPair | None) -> Bundle:
+    """The model as it was given to us: round 0's badnet (``origin``, from
+    :func:`load_origin`); the active member when the store lacks round 0's files.
+
+    Repaired badnet members answer more softly (they were distilled), so the confidence
+    filter asks the original suspect, which a trigger still makes certain.
+    """
+    return pair.badnet if origin is None else origin.badnet
 
 
 def confident_mask(suspect: Bundle, images: np.ndarray, min_score: float) -> np.ndarray:
