@@ -113,7 +113,9 @@ def run(zoo_dir: Path) -> dict[str, Any]:
                 assert info is not None
                 pair = load_pair(info)
             if round_no == 1:
-                stages.append(_stage("round 0 GoodNet", pair.goodnet, data["heldout"], attack))
+                stages.append(
+                    _stage("round 0 GoodNet", pair.member("goodnet"), data["heldout"], attack)
+                )
             q = collect(pair, stream, groups, seed=round_no)
             kept = confident_mask(suspect, q["images"], cfg.min_score)  # as the round filters
             store_quarantine(sessions, q)

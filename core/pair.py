@@ -66,20 +66,32 @@ def read_round_manifest(directory: Path) -> RoundDefense:
 
 @dataclass(frozen=True)
 class ModelPair:
-    """The (badnet, goodnet) pair of one round and its defense; swapped as one reference."""
+    """One round's members and its defense; swapped as one reference.
+
+    ``badnet`` is the suspect's line: the model as given at round 0, repaired in later
+    rounds. ``goodnet`` is the second opinion, or None in a single-model round, where the
+    defense's policy decides alone (CoDefend, paper 000 §3).
+    """
 
     round: int
     badnet: Bundle
-    goodnet: Bundle
+    goodnet: Bundle | None
     defense: RoundDefense = field(default_factory=RoundDefense)
     policy: Policy | None = None  # the defense's policy, resolved by core.defenses.with_policy
 
     def __post_init__(self) -> None:
+        if self.goodnet is None:
+            return
         a, b = self.badnet.manifest, self.goodnet.manifest
         if a.input != b.input or a.num_classes != b.num_classes:
             raise UserError(
                 f"round {self.round}: badnet and goodnet disagree on input spec or classes"
             )
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The members this round has, in ``ROLES`` order."""
+        return ROLES if self.goodnet is not None else ROLES[:1]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -90,12 +102,16 @@ class ModelPair:
         return self.badnet.manifest.class_names
 
     def member(self, role: str) -> Bundle:
-        if role not in ROLES:
-            raise UserError(f"unknown member {role!r}; a round has {', '.join(ROLES)}")
-        return self.badnet if role == "badnet" else self.goodnet
+        if role == "badnet":
+            return self.badnet
+        if role == "goodnet" and self.goodnet is not None:
+            return self.goodnet
+        raise UserError(
+            f"round {self.round} has no {role!r} member; it has {', '.join(self.roles)}"
+        )
 
     def hashes(self) -> dict[str, str]:
-        return {role: self.member(role).manifest.weights_sha256 for role in ROLES}
+        return {role: self.member(role).manifest.weights_sha256 for role in self.roles}
 
 
 def load_pair(info: ActiveInfo, *, trusted_modules: Sequence[str] = ()) -> ModelPair:
@@ -114,11 +130,11 @@ def load_round_pair(
 def _verified_pair(
     round_no: int, models: Mapping[str, ModelVersion], trusted_modules: Sequence[str]
 ) -> ModelPair:
-    bundles = {}
-    for role in ROLES:
-        model = models.get(role)
-        if model is None:
-            raise SwapError(f"round {round_no} has no registered {role}")
+    if "badnet" not in models:
+        raise SwapError(f"round {round_no} has no registered badnet")
+    bundles: dict[str, Bundle] = {}
+    for role in [r for r in ROLES if r in models]:
+        model = models[role]
         bundle = load_bundle(Path(model.bundle_path), trusted_modules=trusted_modules)
         if bundle.manifest.weights_sha256 != model.sha256:
             raise SwapError(
@@ -126,5 +142,5 @@ def _verified_pair(
                 f"{bundle.manifest.weights_sha256[:12]}, the store registered {model.sha256[:12]}"
             )
         bundles[role] = bundle
-    defense = read_round_manifest(Path(models["goodnet"].bundle_path).parent)
-    return ModelPair(round_no, bundles["badnet"], bundles["goodnet"], defense)
+    defense = read_round_manifest(Path(models["badnet"].bundle_path).parent)
+    return ModelPair(round_no, bundles["badnet"], bundles.get("goodnet"), defense)

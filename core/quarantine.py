@@ -60,11 +60,12 @@ class NewSample:
     channels: int
     pixel_sha256: str
     badnet_label: int
-    goodnet_label: int
+    goodnet_label: int | None  # None: a single-model round has no second opinion
     served_round: int
     detector: str
     badnet_score: float | None = None
     goodnet_score: float | None = None
+    strip_entropy: float | None = None  # STRIP's mean entropy, where the policy measured it
     received_at: datetime = field(default_factory=utcnow)
     hits: int = 1
     client: str | None = None  # the sender: the trusted client header, else the peer
@@ -119,6 +120,7 @@ def _merge_duplicates(samples: Sequence[NewSample]) -> list[dict[str, Any]]:
                 "goodnet_label": s.goodnet_label,
                 "badnet_score": s.badnet_score,
                 "goodnet_score": s.goodnet_score,
+                "strip_entropy": s.strip_entropy,
                 "served_round": s.served_round,
                 "detector": s.detector,
                 "received_at": s.received_at,
@@ -403,7 +405,8 @@ class ActiveInfo:
 def activate_round(*, session: Session, round_no: int, activated_by: str = "operator") -> None:
     """Point the active-round row at ``round_no``: one upsert, so never zero or two active.
 
-    Only a succeeded round with both models registered can be activated.
+    Only a succeeded round with its badnet registered (and its goodnet, unless it is a
+    single-model round) can be activated.
     """
     row = session.get(RepairRound, round_no)
     if row is None:
@@ -413,10 +416,8 @@ def activate_round(*, session: Session, round_no: int, activated_by: str = "oper
             f"round {round_no} is {row.status}; only a succeeded round can be activated"
         )
     roles = set(session.scalars(select(ModelVersion.role).where(ModelVersion.round == round_no)))
-    if roles != {"badnet", "goodnet"}:
-        raise StoreInputError(
-            f"round {round_no} lacks a registered {' and '.join(sorted({'badnet', 'goodnet'} - roles))}"
-        )
+    if "badnet" not in roles:  # a single-model round registers only the badnet
+        raise StoreInputError(f"round {round_no} lacks a registered badnet")
     insert = _upsert(session, ActiveRound)
     values = {
         "id": 1,

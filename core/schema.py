@@ -97,9 +97,10 @@ class QuarantineSample(Base):
     width: Mapped[int]
     channels: Mapped[int]
     badnet_label: Mapped[int]
-    goodnet_label: Mapped[int]
+    goodnet_label: Mapped[int | None]  # None: a single-model round (0006)
     badnet_score: Mapped[float | None]
     goodnet_score: Mapped[float | None]
+    strip_entropy: Mapped[float | None]  # STRIP's mean entropy, when measured (0006)
     served_round: Mapped[int]
     detector: Mapped[str] = mapped_column(String(64))
     received_at: Mapped[datetime]

@@ -130,6 +130,12 @@ class Settings(BaseSettings):
         "trusted proxy in front of the gateway; unset, or absent from a request: the peer "
         "address. Each quarantined sample records it, for the per-client share cap.",
     )
+    strip_max_overlays: int = Field(
+        default=128,
+        ge=1,
+        description="The most STRIP overlays (extra forwards per input) a round's policy may "
+        "run; 'trainer prepare' refuses more, and a replica does not serve such a round.",
+    )
     poll_seconds: float = Field(
         default=1.0, gt=0, description="How often replicas read the active round."
     )

@@ -65,7 +65,8 @@ def claim_spool_slot(base: Path) -> tuple[Path, int]:
 
 @serve.deployment(max_ongoing_requests=256, graceful_shutdown_timeout_s=30)
 class Ensemble:
-    """Holds the active (badnet, goodnet) pair, answers batches, quarantines disagreements."""
+    """Holds the active round's members, answers batches under its policy, quarantines the
+    inputs the policy flags."""
 
     def __init__(self, args: GatewayArgs) -> None:
         settings = args.settings()
@@ -93,6 +94,7 @@ class Ensemble:
             sessions=sessions,
             poll_seconds=settings.poll_seconds,
             trusted_modules=settings.trusted_arch_modules,
+            max_overlays=settings.strip_max_overlays,
             on_swap=lambda pair: self.metrics.active_round.set(pair.round),
             on_failure=lambda round_no, error: self.metrics.swap_failures.inc(),
             on_pending=self.metrics.pending.set,
@@ -148,7 +150,7 @@ class Ensemble:
         batch = np.stack([images[i] for i in good])
         names = pair.class_names
         if self.single_model:
-            labels = pair.goodnet.predict(batch)
+            labels = pair.member(pair.roles[-1]).predict(batch)
             for i, label in zip(good, labels, strict=True):
                 out[i] = {
                     "label": int(label),
@@ -175,6 +177,7 @@ class Ensemble:
                             goodnet_label=d.goodnet_label,
                             badnet_score=d.badnet_score,
                             goodnet_score=d.goodnet_score,
+                            strip_entropy=d.entropy,
                             served_round=d.round,
                             detector=pair.policy.name,
                             client=queries[i].client,

@@ -28,6 +28,7 @@ class GatewayArgs(BaseModel):
     max_decoded_bytes: int | None = Field(default=None, ge=1024)
     expose_members: bool | None = None
     poll_seconds: float | None = Field(default=None, gt=0)
+    strip_max_overlays: int | None = Field(default=None, ge=1)
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=1)
     ensemble_replicas: int = Field(default=1, ge=1)
@@ -74,6 +75,7 @@ class GatewayArgs(BaseModel):
                 "max_decoded_bytes": self.max_decoded_bytes,
                 "expose_members": self.expose_members,
                 "poll_seconds": self.poll_seconds,
+                "strip_max_overlays": self.strip_max_overlays,
                 "defense_modules": self.defense_modules,
             }.items()
             if v is not None

@@ -38,6 +38,7 @@ class RoundFollower:
         sessions: Callable[[], sessionmaker[Session]],
         poll_seconds: float = 1.0,
         trusted_modules: Sequence[str] = (),
+        max_overlays: int | None = None,
         retry_failed_after: float = 30.0,
         on_swap: Callable[[ModelPair], None] = lambda pair: None,
         on_failure: Callable[[int | None, str], None] = lambda round_no, error: None,
@@ -48,6 +49,7 @@ class RoundFollower:
         self._sessions: sessionmaker[Session] | None = None
         self.poll_seconds = poll_seconds
         self.trusted_modules = tuple(trusted_modules)
+        self.max_overlays = max_overlays  # a policy running more per input does not serve
         self.retry_failed_after = retry_failed_after
         self._on_swap, self._on_failure, self._on_pending = on_swap, on_failure, on_pending
         self._on_loop_error = on_loop_error
@@ -97,7 +99,10 @@ class RoundFollower:
         if failed_at is not None and time.monotonic() - failed_at < self.retry_failed_after:
             return False
         try:
-            pair = with_policy(load_pair(info, trusted_modules=self.trusted_modules))
+            pair = with_policy(
+                load_pair(info, trusted_modules=self.trusted_modules),
+                max_overlays=self.max_overlays,
+            )
         except (UserError, OSError) as exc:
             self._failed[info.round] = time.monotonic()
             self.failures += 1
@@ -127,7 +132,8 @@ class RoundFollower:
             for round_no in older:
                 try:
                     pair = with_policy(
-                        load_round_pair(session, round_no, trusted_modules=self.trusted_modules)
+                        load_round_pair(session, round_no, trusted_modules=self.trusted_modules),
+                        max_overlays=self.max_overlays,
                     )
                 except (UserError, OSError) as exc:
                     log.error("fallback round %s does not load either: %s", round_no, exc)
@@ -145,10 +151,10 @@ class RoundFollower:
         self.pair = pair  # the swap: one reference assignment
         self._failed.pop(pair.round, None)
         log.warning(
-            "now serving round %s, defense %s (badnet %s, goodnet %s)",
+            "now serving round %s, defense %s (%s)",
             pair.round,
             pair.defense.name,
-            *(h[:12] for h in pair.hashes().values()),
+            ", ".join(f"{role} {h[:12]}" for role, h in pair.hashes().items()),
         )
         self._on_swap(pair)
 

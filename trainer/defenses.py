@@ -16,14 +16,16 @@ from trainer.prepare import prepare_round_zero
 from trainer.repair.base import Repairer
 from trainer.repair.config import RepairConfig
 from trainer.repair.nnoculation import CycleGANRepairer
+from trainer.strip import prepare_strip_round
 
 REPAIRERS: dict[str, Callable[[RepairConfig], Repairer]] = {
-    "cyclegan": CycleGANRepairer,  # Veldanda et al., AISec'21, §3.3
+    "cyclegan": CycleGANRepairer,  # Veldanda et al., AISec'21, §3.3; CoDefend §3.3
 }
 
 
 PREPARE_STEPS: dict[str, Callable[..., Any]] = {
     "noise-retrain": prepare_round_zero,  # Veldanda et al., AISec'21, §3.2 and Table 2
+    "strip-fit": prepare_strip_round,  # CoDefend (paper 000) §3.2: the suspect alone + STRIP
 }
 
 

@@ -53,6 +53,7 @@ from trainer.splits import (
     gate_split,
     split_record,
 )
+from trainer.strip import StripConfig, strip_defense
 
 DEFAULT_ALPHAS = (1.0, 2.0, 4.0, 8.0)
 DEFAULT_GAMMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
@@ -402,12 +403,19 @@ def prepare_round_zero(
     on_candidate: Callable[[Candidate], None] = lambda c: None,
     keep_states: bool = False,
     defense: str = DEFAULT_DEFENSE,
+    strip: StripConfig | None = None,
 ) -> tuple[GridResult, Path]:
     """Validate, run the grid as round 0, then publish and activate the (badnet, goodnet)
-    pair as a round of ``defense`` (a registered stack whose step this is)."""
+    pair as a round of ``defense`` (a registered stack whose step this is), with STRIP as
+    its second stage when ``strip`` turns it on (fitted on the suspect, less the gate split)."""
     cfg.validate()
     get_defense(defense)
     check_validation(suspect, valid)
+    manifest = RoundDefense(defense)
+    if strip is not None:  # refused here, before round 0 exists, if it cannot be fitted
+        manifest, _ = strip_defense(
+            defense, suspect, gate_split(valid, cfg.gate_fraction)[0], strip
+        )
     with running_round(sessions, 0):
         result = grid_search(
             suspect,
@@ -439,6 +447,6 @@ def prepare_round_zero(
                 "runner": result.runner,
             },
             activated_by="trainer prepare",
-            defense=RoundDefense(defense),
+            defense=manifest,
         )
     return result, path

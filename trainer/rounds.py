@@ -87,9 +87,9 @@ def publish_round(
     defense: RoundDefense | None = None,
     status: FinalStatus = "succeeded",
 ) -> Path:
-    """Write the round's files (``write`` fills a directory with badnet/ and goodnet/ bundles
-    and any reports; the round's manifest names ``defense``, NNoculation by default), then
-    register both bundles, finish the round as ``status`` (succeeded, or awaiting_approval)
+    """Write the round's files (``write`` fills a directory with a badnet/ bundle, a goodnet/
+    one unless the round has a single model, and any reports; the round's manifest names ``defense``, NNoculation by default), then
+    register the bundles, finish the round as ``status`` (succeeded, or awaiting_approval)
     and, if asked, activate it, all in one transaction. Returns the round directory."""
     final = round_dir(store, round_no)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,7 @@ def publish_round(
         raise
     try:
         with transaction(sessions) as session:
-            for role in ROLES:
+            for role in [r for r in ROLES if (final / r).is_dir()]:  # badnet, and any goodnet
                 manifest = read_manifest(final / role)
                 register_model(
                     session=session,

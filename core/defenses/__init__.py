@@ -4,7 +4,7 @@ Importing this package registers the built-in defenses; adding one is a module t
 :func:`register_defense`, imported below (or named in ``BQG_DEFENSE_MODULES``).
 """
 
-from core.defenses import bbd, nnoculation
+from core.defenses import bbd, nnoculation, strip
 from core.defenses.policy import Decision, Members, Policy, Verdict, decide_batch, served_rates
 from core.defenses.registry import (
     Defense,
@@ -29,5 +29,6 @@ __all__ = [
     "nnoculation",
     "register_defense",
     "served_rates",
+    "strip",
     "with_policy",
 ]

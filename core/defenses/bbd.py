@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from core.defenses.policy import Members, Verdict
 from core.defenses.registry import Defense, register_defense
+from core.defenses.strip import optional_strip, second_stage
 
 
 class RejectPolicy:
@@ -21,14 +22,17 @@ class RejectPolicy:
     name: ClassVar[str] = "reject"
 
     def __init__(self, params: Mapping[str, Any] | None = None) -> None:
-        """No fitted values: the rule needs none."""
+        """The rule needs no fitted values; a round may add STRIP as a second stage."""
+        self.strip = optional_strip(params or {})
+        self.overlays = 0 if self.strip is None else self.strip.n
 
     def decide(self, members: Members) -> Verdict:
         bad = members.probs("badnet").argmax(1)
         good = members.probs("goodnet").argmax(1)
-        suspect = (bad != good).tolist()
+        flagged, entropy = second_stage(self.strip, members, (bad != good).numpy())
+        suspect = flagged.tolist()
         labels = [None if s else int(g) for g, s in zip(good, suspect, strict=True)]
-        return Verdict(labels, suspect)
+        return Verdict(labels, suspect, entropy)
 
 
 NNOCULATION_REJECT = register_defense(

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from core.defenses.policy import Members, Verdict
 from core.defenses.registry import Defense, register_defense
+from core.defenses.strip import optional_strip, second_stage
 
 
 class GoodNetPolicy:
@@ -20,12 +21,15 @@ class GoodNetPolicy:
     name: ClassVar[str] = "goodnet"
 
     def __init__(self, params: Mapping[str, Any] | None = None) -> None:
-        """No fitted values: the rule needs none."""
+        """The rule needs no fitted values; a round may add STRIP as a second stage."""
+        self.strip = optional_strip(params or {})
+        self.overlays = 0 if self.strip is None else self.strip.n
 
     def decide(self, members: Members) -> Verdict:
         bad = members.probs("badnet").argmax(1)
         good = members.probs("goodnet").argmax(1)
-        return Verdict([int(g) for g in good], (bad != good).tolist())
+        suspect, entropy = second_stage(self.strip, members, (bad != good).numpy())
+        return Verdict([int(g) for g in good], suspect.tolist(), entropy)
 
 
 NNOCULATION = register_defense(

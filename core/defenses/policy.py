@@ -19,7 +19,7 @@ import torch
 from numpy.typing import NDArray
 
 from core.errors import UserError
-from core.pair import ROLES, ModelPair
+from core.pair import ModelPair
 
 Runner = Callable[[NDArray[np.uint8]], torch.Tensor]  # images (N, H, W, C) -> logits (N, K)
 
@@ -40,7 +40,7 @@ class Members:
 
     @classmethod
     def of_pair(cls, pair: ModelPair, images: NDArray[np.uint8]) -> Members:
-        runners = {role: pair.member(role).logits for role in ROLES}
+        runners = {role: pair.member(role).logits for role in pair.roles}
         return cls(runners, images, pair.defense.params)
 
     @property
@@ -70,10 +70,12 @@ class Members:
 
 @dataclass(frozen=True)
 class Verdict:
-    """A policy's answer for a batch: per input, the label (None: rejected) and suspicion."""
+    """A policy's answer for a batch: per input, the label (None: rejected) and suspicion,
+    and the STRIP entropy where the policy measured one (kept with a quarantined row)."""
 
     labels: list[int | None]
     suspect: list[bool]
+    entropy: list[float | None] | None = None
 
 
 class Policy(Protocol):
@@ -91,28 +93,32 @@ class Decision:
     label: int | None
     suspect: bool
     badnet_label: int
-    goodnet_label: int
+    goodnet_label: int | None  # None: a single-model round
     badnet_score: float
-    goodnet_score: float
+    goodnet_score: float | None
     round: int
+    entropy: float | None = None  # STRIP's mean entropy, where the policy measured it
 
 
 def decide_batch(pair: ModelPair, images: NDArray[np.uint8], policy: Policy) -> list[Decision]:
     """Apply ``policy`` to a batch (N, H, W, C) with ``pair``'s members; each answer also
-    records both members' labels and scores, which the quarantine row keeps."""
+    records each member's label and score, which the quarantine row keeps."""
     members = Members.of_pair(pair, images)
     verdict = policy.decide(members)
-    bad_score, bad_label = members.probs("badnet").max(1)
-    good_score, good_label = members.probs("goodnet").max(1)
+    top = {role: members.probs(role).max(1) for role in pair.roles}
+    bad_score, bad_label = top["badnet"]
+    good = top.get("goodnet")
+    entropy = verdict.entropy or [None] * len(images)
     return [
         Decision(
             label=verdict.labels[i],
             suspect=bool(verdict.suspect[i]),
             badnet_label=int(bad_label[i]),
-            goodnet_label=int(good_label[i]),
+            goodnet_label=None if good is None else int(good[1][i]),
             badnet_score=float(bad_score[i]),
-            goodnet_score=float(good_score[i]),
+            goodnet_score=None if good is None else float(good[0][i]),
             round=pair.round,
+            entropy=entropy[i],
         )
         for i in range(len(images))
     ]

@@ -33,6 +33,7 @@ class Defense:
     policy: PolicyFactory
     prepare: str | None = None  # a key of trainer.defenses.PREPARE_STEPS; None: the suspect
     repair: str | None = None  # a key of trainer.defenses.REPAIRERS; None: no repair rounds
+    members: tuple[str, ...] = ("badnet", "goodnet")  # the roles its rounds register
 
 
 _DEFENSES: dict[str, Defense] = {}
@@ -76,10 +77,17 @@ def load_defense_modules(modules: Sequence[str]) -> None:
             raise UserError(f"cannot import defense module {module!r}: {exc}") from None
 
 
-def with_policy(pair: ModelPair) -> ModelPair:
+def with_policy(pair: ModelPair, *, max_overlays: int | None = None) -> ModelPair:
     """``pair`` with the policy its round's defense names, built from the round's fitted
-    values; an unknown defense is a clear error, so the round does not serve."""
+    values; an unknown defense, members other than the defense's, or a policy that runs
+    more than ``max_overlays`` extra forwards per input is a clear error, so the round does
+    not serve."""
     defense = get_defense(pair.defense.name)
+    if pair.roles != defense.members:
+        raise SwapError(
+            f"round {pair.round} registers {', '.join(pair.roles)}, but defense "
+            f"{defense.name!r} serves {', '.join(defense.members)}"
+        )
     try:
         policy = defense.policy(pair.defense.params)
     except Exception as exc:  # a bad fitted value must not kill the follower's thread
@@ -87,4 +95,10 @@ def with_policy(pair: ModelPair) -> ModelPair:
             f"round {pair.round}: defense {defense.name!r} cannot build its policy from the "
             f"round's parameters ({type(exc).__name__}: {exc})"
         ) from None
+    overlays = int(getattr(policy, "overlays", 0))
+    if max_overlays is not None and overlays > max_overlays:
+        raise SwapError(
+            f"round {pair.round}: its {policy.name!r} policy runs {overlays} overlays per "
+            f"input, above the configured maximum of {max_overlays} (BQG_STRIP_MAX_OVERLAYS)"
+        )
     return replace(pair, policy=policy)

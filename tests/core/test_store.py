@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, inspect, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import (
@@ -232,16 +233,29 @@ def test_activation_refuses_bad_rounds_and_changes_nothing(
         assert active_round_number(session=s) == 0
 
 
-def test_a_round_without_both_models_cannot_be_activated(sessions: sessionmaker[Session]) -> None:
+def test_a_round_without_its_badnet_cannot_be_activated(sessions: sessionmaker[Session]) -> None:
+    with transaction(sessions) as s:
+        open_round(session=s, round_no=0)
+        register_model(session=s, round_no=0, role="goodnet", bundle_path="/g", sha256="0" * 64)
+        finish_round(session=s, round_no=0, status="succeeded", samples_used=0, metrics={})
+    with (
+        pytest.raises(StoreInputError, match="lacks a registered badnet"),
+        transaction(sessions) as s,
+    ):
+        activate_round(session=s, round_no=0)
+
+
+def test_a_single_model_round_can_be_activated(sessions: sessionmaker[Session]) -> None:
+    """CoDefend's rounds register the badnet alone; whether a round's members suit its
+    defense is checked where it loads (core.defenses.with_policy)."""
     with transaction(sessions) as s:
         open_round(session=s, round_no=0)
         register_model(session=s, round_no=0, role="badnet", bundle_path="/b", sha256="0" * 64)
         finish_round(session=s, round_no=0, status="succeeded", samples_used=0, metrics={})
-    with (
-        pytest.raises(StoreInputError, match="lacks a registered goodnet"),
-        transaction(sessions) as s,
-    ):
+    with transaction(sessions) as s:
         activate_round(session=s, round_no=0)
+    with sessions() as s:
+        assert active_round_number(session=s) == 0
 
 
 def test_round_misuse_is_refused(sessions: sessionmaker[Session]) -> None:
@@ -423,3 +437,43 @@ def test_racing_claimers_get_one_round_and_the_others_a_clean_no(
         assert sorted(results, key=str) == [race] + [None] * 7, f"race {race}: {results}"
         with transaction(sessions) as s:  # the winner's round ends; the next race opens one more
             fail_round(session=s, round_no=race, error="test")
+
+
+def test_migration_0006_keeps_single_model_rows_both_ways(url: str) -> None:
+    """Up: goodnet_label may be NULL and strip_entropy exists. Down: a NULL goodnet label
+    takes the badnet's (the only opinion such a row had), and strip_entropy goes."""
+    from alembic import command
+
+    cfg = alembic_config(url)
+    command.downgrade(cfg, "base")
+    command.upgrade(cfg, "head")
+    engine = make_engine(url)
+    row = (
+        "INSERT INTO quarantine_sample (pixel_sha256, png, height, width, channels, "
+        "badnet_label, goodnet_label, served_round, detector, received_at, last_seen_at, "
+        "hit_count, strip_entropy) VALUES ('{d}', :png, 1, 1, 1, 7, NULL, 0, 'strip', "
+        ":now, :now, 1, 0.25)"
+    )
+    now = datetime(2026, 12, 4, tzinfo=UTC)
+    with engine.begin() as conn:
+        conn.execute(text(row.format(d="a" * 64)), {"png": b"x", "now": now})
+    command.downgrade(cfg, "0005")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT goodnet_label FROM quarantine_sample")).scalar() == 7
+        columns = {c["name"] for c in inspect(conn).get_columns("quarantine_sample")}
+        assert "strip_entropy" not in columns
+        with pytest.raises(IntegrityError):  # NOT NULL again
+            conn.execute(
+                text(row.format(d="b" * 64).replace(", strip_entropy", "").replace(", 0.25", "")),
+                {"png": b"x", "now": now},
+            )
+    command.upgrade(cfg, "head")
+    with engine.begin() as conn:
+        conn.execute(text(row.format(d="c" * 64)), {"png": b"x", "now": now})
+        assert (
+            conn.execute(
+                text("SELECT count(*) FROM quarantine_sample WHERE goodnet_label IS NULL")
+            ).scalar()
+            == 1
+        )
+    engine.dispose()

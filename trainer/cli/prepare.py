@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,9 +33,11 @@ from trainer.options import config_options
 from trainer.prepare import DEFAULT_ALPHAS, DEFAULT_GAMMAS, PrepareConfig
 from trainer.report import grid_table
 from trainer.splits import check_validation
+from trainer.strip import StripConfig, prepare_strip_round
 
 
 @app.command("prepare")
+@config_options(StripConfig)
 @config_options(PrepareConfig)
 def prepare_cmd(
     model: Annotated[Path, typer.Option(help="The suspect model's bundle (possibly a BadNet).")],
@@ -81,21 +83,37 @@ def prepare_cmd(
     store: StoreOpt = None,
     overrides: dict[str, Any] | None = None,
 ) -> None:
-    """Make the GoodNet (NNoculation pre-deployment) and register, then activate, round 0."""
+    """Run the defense's pre-deployment step and register, then activate, round 0: the
+    GoodNet grid (NNoculation), or fitting STRIP beside the suspect alone (CoDefend)."""
     settings = _settings(db, store)
     step = prepare_step(defense)  # an unknown defense stops here, before any training
+    given = overrides or {}
+    strip_names = {f.name for f in fields(StripConfig)}
     cfg = PrepareConfig(
         alphas=_floats(alphas, "--alphas"),
         gammas=_floats(gammas, "--gammas"),
         schedule=schedule,  # type: ignore[arg-type]  # validated below
         augment=tuple(a.strip() for a in augment.split(",") if a.strip() not in ("", "none")),
-        **(overrides or {}),
+        **{k: v for k, v in given.items() if k not in strip_names},
     )
     cfg.validate()
+    strip = StripConfig(seed=cfg.seed, **{k: v for k, v in given.items() if k in strip_names})
+    strip.validate(settings.strip_max_overlays)
     suspect = load_bundle(model, trusted_modules=settings.trusted_arch_modules)
     data = _load(valid, settings, "valid")
     check_validation(suspect, data)
     sessions = _open_sessions(settings)
+    common = dict(defense=defense, suspect_dir=model, suspect=suspect, valid=data)
+    if step is prepare_strip_round:
+        report, path = step(
+            **common,
+            strip=strip,
+            sessions=sessions,
+            store=settings.store,
+            gate_fraction=cfg.gate_fraction,
+        )
+        _print_strip_round(report, defense, path)
+        return
     use_ray = parallel if parallel is not None else settings.threads > 1
     runner = run_ray if use_ray and start_local_ray(settings.threads) else run_sequential
     if use_ray and runner is run_sequential:
@@ -106,18 +124,32 @@ def prepare_cmd(
     ) as bar:
         task = bar.add_task(f"GoodNet grid ({runner.__name__.removeprefix('run_')})", total=total)
         result, path = step(
-            defense=defense,
-            suspect_dir=model,
-            suspect=suspect,
-            valid=data,
+            **common,
             cfg=cfg,
             sessions=sessions,
             store=settings.store,
             base_lr=base_lr,
             runner=runner,
             on_candidate=lambda c: bar.advance(task),
+            strip=None if strip.strip_stage == "off" else strip,
         )
     _print_round_zero(result, cfg, defense, path)
+
+
+def _print_strip_round(report: dict[str, Any], defense: str, path: Path) -> None:
+    """What CoDefend's round 0 fitted, and its served rates on the gate split."""
+    fit = report["strip"]
+    line = (
+        f"round 0 ({defense}) is active: the suspect alone with STRIP, {fit['n']} overlays "
+        f"({fit['mode']}), sigma {fit['sigma']:.4f} bits at a {100 * fit['frr']:g}% "
+        f"target FRR, fitted on {report['fit_images']} clean images"
+    )
+    if report["gate_frr"] is not None:
+        line += (
+            f"; on the {report['gate_images']} gate images: CA "
+            f"{100 * report['clean_accuracy_badnet']:.2f}%, FRR {100 * report['gate_frr']:.2f}%"
+        )
+    out_console.print(f"{line}; bundle and report in {path}")
 
 
 def _print_round_zero(result: Any, cfg: PrepareConfig, defense: str, path: Path) -> None:

@@ -165,7 +165,12 @@ def status_cmd(db: DbOpt = None, store: StoreOpt = None) -> None:
         )
 
 
-CA_KEYS = ("clean_accuracy_served", "clean_accuracy_goodnet", "goodnet_clean_accuracy")
+CA_KEYS = (
+    "clean_accuracy_served",
+    "clean_accuracy_goodnet",
+    "goodnet_clean_accuracy",
+    "clean_accuracy_badnet",  # a single-model round 0 (codefend): the suspect on the gate split
+)
 
 
 def _round_row(r: RepairRound, active: int | None) -> tuple[str, ...]:

@@ -46,6 +46,11 @@ class RepairConfig:
         "(0 keeps every sample, as the paper does).",
     )
     min_kept: int = option_field(16, "Refuse a round that keeps fewer samples than this.")
+    strip_filter: bool = option_field(
+        False,
+        "Learn only from samples whose STRIP entropy is at or below the round's sigma "
+        "(rounds prepared with --strip-stage); the rest are set aside with the round.",
+    )
     epochs: int = option_field(20, "Fine-tuning epochs.")
     lr: float = option_field(5e-4, "Fine-tuning learning rate.")
     batch_size: int = option_field(64, "Fine-tuning batch size.")

@@ -8,8 +8,10 @@ it, and fine-tune both members (Veldanda et al., AISec'21, §3.3 and §4.2.2).
    to add the trigger.
 3. Treat the clean images with this round's triggers and, replayed, every earlier round's
    (``treatment.treat``), plus each new trigger's borderline images once more.
-4. Fine-tune both members on the treated and clean images, and on views of the real kept
-   samples with targets that never name the trigger (``finetune``).
+4. Fine-tune each member on the treated and clean images, and on views of the real kept
+   samples with targets that never name the trigger (``finetune``). A single-model round
+   (CoDefend, paper 000 §3.3: retrain the one model on clean plus translated images with
+   their true labels) has no second opinion to take those targets from, so it skips them.
 
 The round directory keeps the learned triggers (``trainer.cyclegan.files``), so later
 rounds replay them, and a PNG of each. docs/DECISIONS.md gives the reasons and numbers.
@@ -24,7 +26,7 @@ import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import UserError
-from core.pair import ROLES, ModelPair
+from core.pair import ModelPair
 from core.schema import RepairRound
 from trainer.cyclegan import train_cyclegan, translate
 from trainer.cyclegan.files import LearnedTrigger, load_triggers, save_triggers
@@ -56,12 +58,12 @@ class CycleGANRepairer:
         """Load the triggers earlier rounds learned, checked against their registered digest."""
         if not self.cfg.replay:
             return
-        if pair.goodnet.path is None:
+        if pair.badnet.path is None:
             raise UserError(
                 f"round {pair.round}'s bundles were not loaded from a round directory, so its "
                 "learned triggers cannot be replayed; run with --no-replay"
             )
-        active = pair.goodnet.path.parent
+        active = pair.badnet.path.parent
         self.inherited = load_triggers(active, triggers_sha256(sessions, pair.round))
 
     def repair(self, ctx: RoundContext) -> Repaired:
@@ -72,7 +74,7 @@ class CycleGANRepairer:
         parts = np.array_split(rng.permutation(len(train)), len(self.inherited) + len(groups))
         targets = [trigger_target(ctx.suspect, images) for _, images in groups]
         extra = [
-            borderline(ctx.pair.goodnet, train, t, cfg.borderline)
+            borderline(ctx.pair.member(ctx.pair.roles[-1]), train, t, cfg.borderline)
             if t is not None
             else np.zeros(0, dtype=np.int64)
             for t in targets
@@ -163,9 +165,10 @@ class CycleGANRepairer:
     def _real(
         self, ctx: RoundContext, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """Views of the kept samples with counter-targets, or None (``quarantine_views`` 0)."""
+        """Views of the kept samples with counter-targets, or None (``quarantine_views`` 0, or
+        a single-model round: the counter-targets are the second opinion's answer)."""
         n = ctx.cfg.quarantine_views
-        if not n:
+        if not n or ctx.pair.goodnet is None:
             return None
         soft = counter_targets(ctx.pair.goodnet, ctx.suspect, ctx.kept)
         return np.concatenate(views_of(ctx.kept, n, rng)), np.tile(soft, (n, 1))
@@ -177,10 +180,10 @@ class CycleGANRepairer:
         treated: np.ndarray,
         real: tuple[np.ndarray, np.ndarray] | None,
     ) -> tuple[dict[str, Any], float, int]:
-        """Both members fine-tuned: (role -> model, seconds, images per epoch)."""
+        """Each member fine-tuned: (role -> model, seconds, images per epoch)."""
         images = len(tune_set) + len(treated) + (len(real[0]) if real else 0)
         models, seconds = {}, 0.0
-        for role in ROLES:
+        for role in ctx.pair.roles:
             ctx.progress(f"round {ctx.round_no}: fine-tuning the {role} on {images} images")
             member = ctx.pair.member(role)
             teacher = ctx.suspect if ctx.cfg.teacher == "suspect" else member

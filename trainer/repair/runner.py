@@ -32,18 +32,25 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.bundle import Bundle, save_bundle
 from core.db import transaction
-from core.defenses import load_defense_modules, with_policy
+from core.defenses import get_defense, load_defense_modules, with_policy
 from core.errors import DataError, UserError
-from core.pair import ROLES, ModelPair, load_pair
+from core.pair import ModelPair, load_pair
 from core.quarantine import active_round, finish_round, mark_consumed
 from trainer.data import Dataset
 from trainer.loop import accuracy
 from trainer.repair.base import Progress, Repaired, Repairer, RoundContext
 from trainer.repair.config import RepairConfig
 from trainer.repair.gate import gate_round
-from trainer.repair.selection import confident, load_origin, pending_quarantine, suspect_of
+from trainer.repair.selection import (
+    confident,
+    load_origin,
+    pending_quarantine,
+    strip_kept,
+    suspect_of,
+)
 from trainer.rounds import mark_failed, publish_round, running_round
 from trainer.splits import check_validation, gate_split, split_record
+from trainer.strip import refit
 
 
 @dataclass
@@ -80,11 +87,11 @@ def _setup(
     if info is None:
         raise UserError("no round is active; run 'trainer prepare' to make round 0 first")
     pair = with_policy(load_pair(info, trusted_modules=trusted_modules))  # as replicas do
-    check_validation(pair.goodnet, valid)
-    ids, pending = pending_quarantine(sessions, cfg, pair.goodnet.manifest.input.shape)
+    check_validation(pair.badnet, valid)
+    ids, pending, entropy = pending_quarantine(sessions, cfg, pair.shape)
     origin = load_origin(sessions, pair, trusted_modules)  # read once: suspect and gate
     suspect = suspect_of(pair, origin)
-    kept = confident(suspect, pending, cfg)
+    kept = confident(suspect, pending[strip_kept(pair, entropy, cfg)], cfg)
     repairer = make_repairer(pair.defense.name, cfg)
     repairer.check(pair, sessions)
     return _Setup(pair, ids, pending, suspect, kept, repairer, origin)
@@ -93,11 +100,13 @@ def _setup(
 def _gate_split_note(pair: ModelPair, gate: Dataset, cfg: RepairConfig, round_no: int) -> str:
     """Why the gate may be stricter than theta, when round K's GoodNet trained on the split
     (prepared before the split was reserved, or on other data); '' when it did not."""
+    if pair.goodnet is None and pair.round == 0:
+        return ""  # the suspect as given: it never trained on the defender's data
     reserved = split_record(gate, cfg.gate_fraction)
-    if pair.goodnet.manifest.meta.get("gate_split") == reserved:
+    if pair.member(pair.roles[-1]).manifest.meta.get("gate_split") == reserved:
         return ""
     return (
-        f"round {round_no}: round {pair.round}'s GoodNet does not name this gate split "
+        f"round {round_no}: round {pair.round}'s {pair.roles[-1]} does not name this gate split "
         f"({len(gate)} validation images) as held out of its training (prepared before the "
         "split was reserved, or on other data), so its accuracy there may be optimistic and "
         f"the gate stricter than {cfg.ca_drop:g} points"
@@ -146,7 +155,8 @@ def run_repair_round(
         )
         ctx = RoundContext(round_no, pair, setup.suspect, setup.kept, train, gate, cfg, progress)
         repaired = setup.repairer.repair(ctx)
-        metrics = _round_metrics(setup, ctx, repaired, held_out=not note)
+        defense = refit(pair.defense, repaired.models["badnet"], pair.badnet.manifest.input, train)
+        metrics = _round_metrics(setup, ctx, repaired, defense.params, held_out=not note)
         if not metrics["gate_passed"]:
             return _reject(sessions, ctx, metrics, start, setup.ids)
         metrics["seconds"] = time.perf_counter() - start
@@ -160,7 +170,7 @@ def run_repair_round(
             samples_used=len(setup.ids),
             activated_by=owner or "trainer",
             after_register=lambda session: consume(session, setup.ids, round_no),
-            defense=pair.defense,
+            defense=defense,
             activate=not manual,
             status="awaiting_approval" if manual else "succeeded",
         )
@@ -170,11 +180,10 @@ def run_repair_round(
             if manual
             else "is active"
         )
+        each = ", ".join(f"{role} {100 * m['after']:.2f}%" for role, m in members.items())
         progress(
             f"round {round_no} {state}: served CA "
-            f"{100 * metrics['clean_accuracy_served']:.2f}% "
-            f"(goodnet {100 * members['goodnet']['after']:.2f}%, "
-            f"badnet {100 * members['badnet']['after']:.2f}%) on the gate split, "
+            f"{100 * metrics['clean_accuracy_served']:.2f}% ({each}) on the gate split, "
             f"{len(setup.ids)} samples, {metrics['seconds']:.0f}s"
         )
         return RepairOutcome(
@@ -183,22 +192,39 @@ def run_repair_round(
 
 
 def _round_metrics(
-    setup: _Setup, ctx: RoundContext, repaired: Repaired, *, held_out: bool
+    setup: _Setup,
+    ctx: RoundContext,
+    repaired: Repaired,
+    params: dict[str, Any],
+    *,
+    held_out: bool,
 ) -> dict[str, Any]:
-    """The gate's verdict and each member's gate accuracy, before the repairer's metrics."""
-    pair, gate, spec = ctx.pair, ctx.gate, ctx.pair.goodnet.manifest.input
-    before = {role: pair.member(role).model for role in ROLES}
+    """The gate's verdict and each member's gate accuracy, before the repairer's metrics;
+    the candidate is judged with its own fitted ``params`` (STRIP's sigma, refitted)."""
+    pair, gate, spec = ctx.pair, ctx.gate, ctx.pair.badnet.manifest.input
+    before = {role: pair.member(role).model for role in pair.roles}
     assert pair.policy is not None  # with_policy resolved it
-    origin = None if setup.origin is None else {r: setup.origin.member(r).model for r in ROLES}
+    origin = None
+    if setup.origin is not None and setup.origin.roles == pair.roles:
+        origin = {r: setup.origin.member(r).model for r in pair.roles}
+    after_policy = get_defense(pair.defense.name).policy(params)  # its own sigma
     gate_metrics, passed = gate_round(
-        before, repaired.models, gate, spec, ctx.cfg, pair.policy, pair.defense.params, origin
+        before,
+        repaired.models,
+        gate,
+        spec,
+        ctx.cfg,
+        pair.policy,
+        pair.defense.params,
+        origin,
+        after_policy=(after_policy, params),
     )
     members = {
         role: {
             "before": accuracy(before[role], gate.x, gate.y, spec),
             "after": accuracy(repaired.models[role], gate.x, gate.y, spec),
         }
-        for role in ROLES
+        for role in pair.roles
     }
     metrics = {
         "defense": pair.defense.name,
@@ -210,8 +236,9 @@ def _round_metrics(
         "gate_held_out": held_out,
         "members": members,
         "clean_accuracy_served": gate_metrics["served clean accuracy"]["after"],
-        "clean_accuracy_goodnet": members["goodnet"]["after"],
     }
+    if "goodnet" in members:
+        metrics["clean_accuracy_goodnet"] = members["goodnet"]["after"]
     _merge(metrics, repaired.metrics)
     return metrics
 
@@ -255,7 +282,7 @@ def _write(
 ) -> None:
     """The round directory: both bundles, the repairer's files, and report.json."""
     reserved = split_record(ctx.gate, ctx.cfg.gate_fraction)
-    for role in ROLES:
+    for role in ctx.pair.roles:
         m = ctx.pair.member(role).manifest
         save_bundle(
             repaired.models[role],

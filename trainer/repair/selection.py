@@ -22,10 +22,11 @@ from trainer.repair.config import RepairConfig
 
 def pending_quarantine(
     sessions: sessionmaker[Session], cfg: RepairConfig, shape: tuple[int, int, int]
-) -> tuple[list[int], np.ndarray]:
-    """(ids, images) of the pending samples of the model's ``shape``, oldest first, with no
-    client giving more than ``cfg.max_client_share`` of them (the rest stay pending), at
-    most ``cfg.max_samples``; refuses fewer than ``cfg.min_samples``."""
+) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(ids, images, STRIP entropies: NaN where none was measured) of the pending samples
+    of the model's ``shape``, oldest first, with no client giving more than
+    ``cfg.max_client_share`` of them (the rest stay pending), at most ``cfg.max_samples``;
+    refuses fewer than ``cfg.min_samples``."""
     with sessions() as session:
         rows = [
             r for r in pending_samples(session=session) if (r.height, r.width, r.channels) == shape
@@ -40,9 +41,25 @@ def pending_quarantine(
                 chosen.append(r)
         chosen = chosen[: cfg.max_samples]
         ids, images = [r.id for r in chosen], [decode_sample(r) for r in chosen]
+        entropy = [np.nan if r.strip_entropy is None else r.strip_entropy for r in chosen]
     if len(images) < cfg.min_samples:
         raise UserError(_too_few(len(images), len(rows), counts, shape, cfg))
-    return ids, np.stack(images)
+    return ids, np.stack(images), np.array(entropy, dtype=np.float64)
+
+
+def strip_kept(pair: ModelPair, entropy: np.ndarray, cfg: RepairConfig) -> np.ndarray:
+    """Which samples pass STRIP's filter: all, unless ``cfg.strip_filter`` and the round
+    fitted STRIP; then those whose entropy was not measured or is at most sigma.
+
+    A pair's disagreements include clean images it is unsure of; STRIP's entropy tells
+    most of those apart, so the round learns the trigger from fewer clean look-alikes
+    (issue 32). Dropped samples are consumed with the round, not retried.
+    """
+    keep = np.ones(len(entropy), dtype=bool)
+    if not cfg.strip_filter or "strip" not in pair.defense.params:
+        return keep
+    sigma = float(pair.defense.params["strip"]["sigma"])
+    return keep & ~(entropy > sigma)  # NaN compares False: unmeasured rows stay
 
 
 def _too_few(
@@ -73,7 +90,7 @@ def load_origin(
     if pair.round == 0:
         return pair
     with sessions() as session:
-        if len(round_models(session=session, round_no=0)) < 2:
+        if not round_models(session=session, round_no=0):
             return None
         return load_round_pair(session, 0, trusted_modules=trusted_modules)
 

@@ -1,0 +1,119 @@
+"""Fitting STRIP on clean data, and CoDefend's round 0 (issue 32)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.bundle import load_bundle
+from core.db import open_store, session_factory
+from core.errors import DataError, UserError
+from core.pair import read_round_manifest
+from core.quarantine import active_round, list_rounds, round_models
+from core.strip import StripParams
+from tests.helpers import SHAPE, Lab, call_cli, make_blobs
+from trainer.data import Dataset
+from trainer.splits import gate_split
+from trainer.strip import StripConfig, fit_sigma, fit_strip, overlay_pool, softmax_runner
+
+
+def test_sigma_is_the_clean_percentile_at_the_target_rate() -> None:
+    h = np.arange(1, 1001, dtype=float)  # 1000 distinct entropies
+    assert fit_sigma(h, 0.01) == 10.0  # exactly 10 of 1000 lie at or below it
+    assert fit_sigma(h, 0.05) == 50.0
+    with pytest.raises(DataError, match="needs at least 500 clean images"):
+        fit_sigma(h[:400], 0.01)  # 4 expected below sigma: too few to place it
+
+
+def test_the_overlay_pool_has_every_class_or_is_refused() -> None:
+    data = make_blobs(200, shape=SHAPE, classes=4, seed=5)
+    idx = overlay_pool(data, 8, 4, seed=0)
+    assert len(set(idx.tolist())) == 8 and set(data.y[idx].tolist()) == {0, 1, 2, 3}
+    with pytest.raises(DataError, match="at least one clean overlay per class"):
+        overlay_pool(data, 3, 4, seed=0)
+    with pytest.raises(DataError, match="2 classes in the validation data"):
+        overlay_pool(data.take(np.flatnonzero(data.y < 2)), 8, 4, seed=0)
+
+
+@pytest.mark.parametrize("mode", ["add", "blend"])
+def test_sigma_hits_its_frr_on_clean_images_it_was_not_fitted_on(lab: Lab, mode: str) -> None:
+    bundle = load_bundle(lab.badnet)
+    m = bundle.manifest
+    fit_data = make_blobs(1000, shape=SHAPE, classes=4, seed=11)
+    unseen = make_blobs(2000, shape=SHAPE, classes=4, seed=12)
+    cfg = StripConfig(strip_overlays=16, strip_mode=mode, strip_frr=0.05)
+    params = fit_strip(bundle.model, m.input, m.num_classes, fit_data, cfg)
+    h = params.entropies(softmax_runner(bundle.model, m.input), unseen.x)
+    frr = float(np.mean(h <= params.sigma))
+    # sampling error of the fit's quantile (about 984 images) and of this estimate (2000)
+    se = math.sqrt(0.05 * 0.95 / 984 + 0.05 * 0.95 / 2000)
+    assert abs(frr - 0.05) <= 3 * se, (frr, params.sigma)
+
+
+def _prepare(tmp_path: Path, lab: Lab, valid: Path, *extra: str) -> tuple[int, str]:
+    env = {"BQG_DB": f"sqlite:///{tmp_path / 'q.db'}", "BQG_STORE": str(tmp_path / "store")}
+    proc = call_cli(
+        "trainer", "prepare", "--defense", "codefend", "--model", str(lab.badnet),
+        "--valid", f"npz:{valid}", *extra, env=env,
+    )  # fmt: skip
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _npz(path: Path, n: int, seed: int) -> Path:
+    data = make_blobs(n, shape=SHAPE, classes=4, seed=seed)
+    np.savez(path, x=data.x, y=data.y)
+    return path
+
+
+def test_prepare_codefend_registers_the_suspect_alone_with_strip(lab: Lab, tmp_path: Path) -> None:
+    valid = _npz(tmp_path / "valid.npz", 800, seed=13)
+    code, out = _prepare(tmp_path, lab, valid, "--strip-overlays", "12", "--strip-frr", "0.05")
+    assert code == 0, out
+    assert "round 0 (codefend) is active" in out and "12 overlays" in out
+    sessions = session_factory(open_store(f"sqlite:///{tmp_path / 'q.db'}"))
+    with sessions() as s:
+        info = active_round(session=s)
+        assert info is not None and set(info.models) == {"badnet"}
+        assert [m.role for m in round_models(session=s, round_no=0)] == ["badnet"]
+        path = Path(info.models["badnet"].bundle_path)
+    manifest = read_round_manifest(path.parent)
+    strip = StripParams.from_dict(manifest.params["strip"])
+    assert manifest.name == "codefend" and strip.n == 12 and strip.frr == 0.05
+    report = json.loads((path.parent / "report.json").read_text())
+    arrays = np.load(valid)
+    rest, gate = gate_split(Dataset(arrays["x"], arrays["y"], ("0", "1", "2", "3"), "npz"))
+    assert report["fit_images"] == len(rest) - 12  # the fit leaves out the gate and the pool
+    assert report["gate_images"] == len(gate) > 0
+
+
+@pytest.mark.parametrize(
+    ("images", "extra", "message"),
+    [
+        (800, ("--strip-overlays", "3"), "at least one clean overlay per class"),
+        (300, ("--strip-frr", "0.01"), "needs at least 500 clean images"),
+        (800, ("--strip-overlays", "500"), "above the configured maximum of 128"),
+        (800, ("--strip-mode", "xor"), "--strip-mode must be one of add, blend"),
+    ],
+)
+def test_prepare_codefend_refuses_what_it_cannot_fit_and_registers_nothing(
+    lab: Lab, tmp_path: Path, images: int, extra: tuple[str, ...], message: str
+) -> None:
+    valid = _npz(tmp_path / "valid.npz", images, seed=14)
+    code, out = _prepare(tmp_path, lab, valid, *extra)
+    assert code != 0 and message in out and "Traceback" not in out, out
+    db = tmp_path / "q.db"
+    if db.exists():
+        with session_factory(open_store(f"sqlite:///{db}"))() as s:
+            assert list_rounds(session=s) == [] and active_round(session=s) is None
+    assert not (tmp_path / "store" / "rounds").exists() or not any(
+        (tmp_path / "store" / "rounds").iterdir()
+    )
+
+
+def test_strip_config_refuses_a_bad_stage() -> None:
+    with pytest.raises(UserError, match="--strip-stage must be off"):
+        StripConfig(strip_stage="sometimes").validate()
