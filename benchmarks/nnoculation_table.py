@@ -49,8 +49,7 @@ from numpy.typing import NDArray
 from benchmarks.results import RESULTS_DIR, checks_line, defender_data, provenance, publish
 from core.bundle import load_bundle
 from core.db import open_store, session_factory
-from core.defenses import decide_batch
-from core.defenses.nnoculation import GoodNetPolicy
+from core.defenses import decide_batch, with_policy
 from core.errors import UserError
 from core.images import encode_png
 from core.pair import load_round_pair
@@ -64,6 +63,7 @@ from trainer.data import Dataset
 from trainer.lab import attack_of
 from trainer.prepare import PrepareConfig, prepare_round_zero
 from trainer.repair import RepairConfig, with_preset
+from trainer.strip import StripConfig, prepare_strip_round
 
 NAME = "nnoculation_table"
 
@@ -188,9 +188,12 @@ def through_shadow(
             raise RuntimeError(f"the shadow answered from rounds {model.rounds}, not {round_no}")
         sessions = session_factory(open_store(args.settings().db_url))
         with sessions() as s:
-            pair = load_round_pair(s, round_no)
-        # The same answers from the ensemble code, offline: a check on the HTTP path.
-        offline = np.array([d.label for d in decide_batch(pair, heldout.x, GoodNetPolicy())])
+            pair = with_policy(load_round_pair(s, round_no))
+        # The same answers from the policy code, offline: a check on the HTTP path.
+        assert pair.policy is not None
+        offline = np.array(
+            [-1 if d.label is None else d.label for d in decide_batch(pair, heldout.x, pair.policy)]
+        )
         clean = row.pop("clean_answers")
         row |= {
             "stage": f"round {round_no}",
@@ -296,6 +299,8 @@ class Options:
     clients: int = 8
     rate: float = 80.0
     repair_rate: float = REPAIR_RATE
+    defense: str = "nnoculation"  # codefend: round 0 fits STRIP beside the suspect alone
+    strip: StripConfig | None = None
 
 
 def one_run(
@@ -333,14 +338,25 @@ def one_run(
     start = time.perf_counter()
     if round0_from is None:
         sessions = session_factory(open_store(f"sqlite:///{store / 'quarantine.db'}"))
-        prepare_round_zero(
-            suspect_dir=zoo_dir,
-            suspect=suspect,
-            valid=data["valid"],
-            cfg=opts.prepare,
-            sessions=sessions,
-            store=store,
-        )
+        if opts.defense == "nnoculation":
+            prepare_round_zero(
+                suspect_dir=zoo_dir,
+                suspect=suspect,
+                valid=data["valid"],
+                cfg=opts.prepare,
+                sessions=sessions,
+                store=store,
+            )
+        else:
+            prepare_strip_round(
+                defense=opts.defense,
+                suspect_dir=zoo_dir,
+                suspect=suspect,
+                valid=data["valid"],
+                strip=opts.strip or StripConfig(),
+                sessions=sessions,
+                store=store,
+            )
         copy_db(store / "quarantine.db", run_dir / "round0.db")
     else:
         copy_db(round0_from, store / "quarantine.db")

@@ -41,7 +41,7 @@ MAX_ADMIN_BODY = 1024
 
 class ModelAnswers(BaseModel):
     badnet: int
-    goodnet: int
+    goodnet: int | None = Field(description="null in a single-model round (codefend).")
 
 
 class PredictResponse(BaseModel):
