@@ -35,7 +35,7 @@ from benchmarks.strip_load import load_runs
 from benchmarks.strip_report import render
 from core.bundle import Bundle, load_bundle
 from core.strip import MODES, StripParams, entropy_bits, superimpose
-from trainer.attacks.poison import Attack, triggered
+from trainer.attacks.poison import Attack, counted, triggered
 from trainer.data import Dataset
 from trainer.lab import attack_of
 from trainer.splits import gate_split
@@ -77,8 +77,8 @@ def attack_inputs(
     parts = []
     for g in attack.firing:
         x, targets = triggered(data, g, num_classes=attack.num_classes, seed=attack.seed)
-        keep = np.flatnonzero(targets != data.y)
-        parts.append((x, targets[keep], data.y[keep]))
+        keep, _ = counted(data, g, attack.num_classes)  # the rows triggered() kept
+        parts.append((x, targets, data.y[keep]))
     x = np.concatenate([p[0] for p in parts])
     targets = np.concatenate([p[1] for p in parts])
     truth = np.concatenate([p[2] for p in parts])
