@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.nnoculation_table import ONE_CANDIDATE, Options, Phase, one_run
+from benchmarks.nnoculation_table import ATTACKS, ONE_CANDIDATE, Options, Phase, one_run
 from benchmarks.results import RESULTS_DIR, checks_line, defender_data, provenance, publish
 from core.errors import UserError
 from trainer.cyclegan import DEFAULT_PRESET
@@ -29,16 +29,6 @@ from trainer.lab import attack_of
 from trainer.strip import StripConfig
 
 NAME = "codefend_table"
-ATTACKS = [
-    "patch",
-    "all-to-all",
-    "multi-trigger",
-    "multi-target",
-    "combo",
-    "filter",
-    "blend",
-    "warp",
-]
 # CoDefend (paper 000) Table 4, CA / ASR % before -> after its repair
 PAPER_TABLE4 = {
     "MNIST-A": ((98.70, 100), (98.62, 1.97)),

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.nnoculation_table import ATTACKS
 from benchmarks.results import defender_data, provenance, publish
 from benchmarks.strip_load import load_runs
 from benchmarks.strip_report import render
@@ -42,16 +43,6 @@ from trainer.splits import gate_split
 from trainer.strip import fit_sigma, overlay_pool
 
 NAME = "strip_detection"
-ATTACKS = [
-    "patch",
-    "all-to-all",
-    "multi-trigger",
-    "multi-target",
-    "combo",
-    "filter",
-    "blend",
-    "warp",
-]
 NS = (8, 16, 32, 100)
 FRRS = (0.01, 0.05)
 CHUNK = 64  # inputs per forward: 64 x 100 blends

@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from core.bundle import load_bundle
-from core.db import open_store, session_factory
+from core.db import open_store, session_factory, transaction
 from core.errors import DataError, UserError
 from core.pair import read_round_manifest
-from core.quarantine import active_round, list_rounds, round_models
+from core.quarantine import NewSample, active_round, add_samples, list_rounds, round_models
 from core.strip import StripParams
-from tests.helpers import SHAPE, Lab, call_cli, make_blobs
+from tests.helpers import SHAPE, TINY_REPAIR, Lab, call_cli, make_blobs
 from trainer.data import Dataset
+from trainer.repair.runner import run_repair_round
+from trainer.rounds import publish_round, running_round
 from trainer.splits import gate_split
-from trainer.strip import StripConfig, fit_sigma, fit_strip, overlay_pool, softmax_runner
+from trainer.strip import (
+    StripConfig,
+    fit_sigma,
+    fit_strip,
+    overlay_pool,
+    softmax_runner,
+    strip_defense,
+)
 
 
 def test_sigma_is_the_clean_percentile_at_the_target_rate() -> None:
@@ -117,3 +129,52 @@ def test_prepare_codefend_refuses_what_it_cannot_fit_and_registers_nothing(
 def test_strip_config_refuses_a_bad_stage() -> None:
     with pytest.raises(UserError, match="--strip-stage must be off"):
         StripConfig(strip_stage="sometimes").validate()
+
+
+def _pair_round_with_strip(tmp_path: Path, lab: Lab, stage: str) -> tuple[Any, StripParams]:
+    """A store whose round 0 is the lab pair under nnoculation with STRIP beside it."""
+    bad = load_bundle(lab.badnet)
+    valid = make_blobs(800, shape=SHAPE, classes=4, seed=13)
+    cfg = StripConfig(strip_overlays=12, strip_frr=0.05, strip_stage=stage)
+    manifest, params = strip_defense("nnoculation", bad, valid, cfg)
+    assert params is not None and manifest.params["strip"]["stage"] == stage
+    sessions = session_factory(open_store(f"sqlite:///{tmp_path / 'q.db'}"))
+
+    def write(out: Path) -> None:
+        shutil.copytree(lab.badnet, out / "badnet")
+        shutil.copytree(lab.goodnet, out / "goodnet")
+
+    with running_round(sessions, 0):
+        publish_round(
+            sessions=sessions, store=tmp_path, round_no=0, write=write, metrics={},
+            defense=manifest,
+        )  # fmt: skip
+    return sessions, params
+
+
+def test_strip_filter_keeps_low_entropy_rows_and_the_round_refits_sigma(
+    tmp_path: Path, lab: Lab
+) -> None:
+    sessions, params = _pair_round_with_strip(tmp_path, lab, "disagreements")
+    n = 40
+    entropy = [0.0 if i % 4 else 9.0 for i in range(n)]  # every fourth row: above sigma
+    samples = [
+        NewSample.from_image(
+            img, badnet_label=int(b), goodnet_label=int(g), served_round=0,
+            detector="goodnet", strip_entropy=e,
+        )
+        for img, b, g, e in zip(
+            lab.triggered[:n], lab.bad_labels[:n], lab.good_labels[:n], entropy, strict=True
+        )
+    ]  # fmt: skip
+    with transaction(sessions) as s:
+        add_samples(session=s, samples=samples)
+    cfg = replace(TINY_REPAIR, strip_filter=True, min_kept=4)
+    valid = make_blobs(800, shape=SHAPE, classes=4, seed=13)
+    outcome = run_repair_round(sessions=sessions, store=tmp_path, round_no=1, valid=valid, cfg=cfg)
+    assert outcome.status == "succeeded" and outcome.path is not None
+    assert outcome.metrics["samples"] == n  # the filtered rows are consumed with the round
+    assert outcome.metrics["samples_kept"] <= n - n // 4
+    refit = StripParams.from_dict(read_round_manifest(outcome.path).params["strip"])
+    assert np.array_equal(refit.pool, params.pool) and refit.frr == params.frr
+    assert refit.sigma != params.sigma  # fitted again on the repaired suspect
