@@ -132,6 +132,11 @@ def render(data: dict[str, Any]) -> str:
         "",
         *_batching(data),
         "",
+        "A speed-up near 1x means one forward over all 32 x N blends costs what N forwards "
+        "of 32 cost on this CPU: the policy's compute grows with N either way, and what the "
+        "live gateway keeps of its throughput at small N is the per-request work (HTTP, "
+        "decoding, Serve's queue) that STRIP does not multiply.",
+        "",
         "### Cost through the live gateway",
         "",
         *_load(data),

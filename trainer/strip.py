@@ -39,7 +39,7 @@ class StripConfig:
     """STRIP's fit; fields with help text are ``trainer prepare`` options."""
 
     strip_overlays: int = option_field(
-        100, "N: clean overlay images per input (CoDefend uses 100); each costs a forward."
+        32, "N: clean overlay images per input (CoDefend uses 100); each costs a forward."
     )
     strip_mode: str = option_field(
         "add", "How an overlay is laid on: 'add' (saturating sum) or 'blend' (0.5/0.5)."
