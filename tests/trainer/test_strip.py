@@ -178,3 +178,24 @@ def test_strip_filter_keeps_low_entropy_rows_and_the_round_refits_sigma(
     refit = StripParams.from_dict(read_round_manifest(outcome.path).params["strip"])
     assert np.array_equal(refit.pool, params.pool) and refit.frr == params.frr
     assert refit.sigma != params.sigma  # fitted again on the repaired suspect
+
+
+def test_prepare_nnoculation_with_strip_as_its_second_stage(lab: Lab, tmp_path: Path) -> None:
+    """The GoodNet grid's CLI path, with STRIP fitted beside the pair."""
+    valid = _npz(tmp_path / "valid.npz", 800, seed=13)
+    env = {"BQG_DB": f"sqlite:///{tmp_path / 'q.db'}", "BQG_STORE": str(tmp_path / "store")}
+    proc = call_cli(
+        "trainer", "prepare", "--model", str(lab.badnet), "--valid", f"npz:{valid}",
+        "--alphas", "1", "--gammas", "0.2", "--epochs", "1", "--folds", "1", "--sequential",
+        "--strip-overlays", "12", "--strip-frr", "0.05", "--strip-stage", "all", env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sessions = session_factory(open_store(env["BQG_DB"]))
+    with sessions() as s:
+        info = active_round(session=s)
+        assert info is not None and set(info.models) == {"badnet", "goodnet"}
+        path = Path(info.models["goodnet"].bundle_path).parent
+    manifest = read_round_manifest(path)
+    assert manifest.name == "nnoculation"
+    strip = StripParams.from_dict(manifest.params["strip"])
+    assert strip.n == 12 and strip.stage == "all"

@@ -114,6 +114,24 @@ def prepare_cmd(
         )
         _print_strip_round(report, defense, path)
         return
+    result, path = _run_grid(
+        step, common, cfg, strip, settings, sessions, parallel=parallel, base_lr=base_lr
+    )
+    _print_round_zero(result, cfg, defense, path)
+
+
+def _run_grid(
+    step: Any,
+    common: dict[str, Any],
+    cfg: PrepareConfig,
+    strip: StripConfig,
+    settings: Any,
+    sessions: Any,
+    *,
+    parallel: bool | None,
+    base_lr: float | None,
+) -> tuple[Any, Path]:
+    """The GoodNet grid (NNoculation's step), on Ray when it starts, with a progress bar."""
     use_ray = parallel if parallel is not None else settings.threads > 1
     runner = run_ray if use_ray and start_local_ray(settings.threads) else run_sequential
     if use_ray and runner is run_sequential:
@@ -133,7 +151,7 @@ def prepare_cmd(
             on_candidate=lambda c: bar.advance(task),
             strip=None if strip.strip_stage == "off" else strip,
         )
-    _print_round_zero(result, cfg, defense, path)
+    return result, path
 
 
 def _print_strip_round(report: dict[str, Any], defense: str, path: Path) -> None:
