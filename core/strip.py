@@ -24,6 +24,7 @@ from core.errors import UserError
 
 MODES = ("add", "blend")  # add: the official code's saturating sum; blend: 0.5/0.5
 STAGES = ("disagreements", "all")  # where a two-model stack runs STRIP as a second stage
+MAX_BLENDS = 4096  # blends per call: bounds memory when fitting on thousands of images
 
 
 def superimpose(images: NDArray[np.uint8], pool: NDArray[np.uint8], mode: str) -> NDArray[np.uint8]:
@@ -53,11 +54,17 @@ def mean_entropy(
     mode: str,
 ) -> NDArray[np.float64]:
     """H_t for each input (B,): the entropy of ``run``'s softmax averaged over the N blends,
-    computed in one call on all B*N blends (``run``: images -> softmax)."""
+    computed in one call on all B*N blends when they number at most ``MAX_BLENDS``, else in
+    calls of that size (``run``: images -> softmax)."""
     if len(images) == 0:
         return np.zeros(0)
-    probs = run(superimpose(images, pool, mode))
-    return entropy_bits(probs).reshape(len(images), len(pool)).mean(1).numpy()
+    step = max(1, MAX_BLENDS // len(pool))  # a request batch (32 x 128 at most) is one call
+    parts = []
+    for i in range(0, len(images), step):
+        part = images[i : i + step]
+        probs = run(superimpose(part, pool, mode))
+        parts.append(entropy_bits(probs).reshape(len(part), len(pool)).mean(1).numpy())
+    return np.concatenate(parts)
 
 
 def _encode(pool: NDArray[np.uint8]) -> dict[str, Any]:
@@ -115,6 +122,10 @@ class StripParams:
         )
         if params.mode not in MODES or params.stage not in STAGES:
             raise ValueError(f"STRIP mode {params.mode!r} or stage {params.stage!r} is unknown")
+        if params.n < 1 or params.n != int(data["n"]):
+            raise ValueError(
+                f"the overlay pool holds {params.n} images, the manifest says {data['n']}"
+            )
         if max_overlays is not None and params.n > max_overlays:
             raise ValueError(
                 f"the round's STRIP uses {params.n} overlays, above the configured maximum "

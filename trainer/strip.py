@@ -120,20 +120,6 @@ def fit_strip(
     return StripParams(pool, fit_sigma(h, cfg.strip_frr), cfg.strip_mode, cfg.strip_frr, stage)
 
 
-def refit(defense: RoundDefense, model: nn.Module, spec: InputSpec, data: Dataset) -> RoundDefense:
-    """``defense`` with sigma refitted for a repaired suspect on ``data`` (the same pool,
-    rate and mode): a retrained model's clean entropies move, and an old sigma would
-    reject at another rate. Unchanged when the round has no STRIP."""
-    if "strip" not in defense.params:
-        return defense
-    old = StripParams.from_dict(defense.params["strip"])
-    pool_rows = {p.tobytes() for p in old.pool}
-    fit = np.array([x.tobytes() not in pool_rows for x in data.x], dtype=bool)
-    h = old.entropies(softmax_runner(model, spec), data.x[fit])
-    new = StripParams(old.pool, fit_sigma(h, old.frr), old.mode, old.frr, old.stage)
-    return RoundDefense(defense.name, {**defense.params, "strip": new.to_dict()})
-
-
 def strip_defense(
     defense: str, suspect: Bundle, data: Dataset, cfg: StripConfig
 ) -> tuple[RoundDefense, StripParams | None]:

@@ -95,6 +95,12 @@ def with_policy(pair: ModelPair, *, max_overlays: int | None = None) -> ModelPai
             f"round {pair.round}: defense {defense.name!r} cannot build its policy from the "
             f"round's parameters ({type(exc).__name__}: {exc})"
         ) from None
+    strip = getattr(policy, "strip", None)
+    if strip is not None and tuple(strip.pool.shape[1:]) != pair.shape:
+        raise SwapError(
+            f"round {pair.round}: its STRIP overlays are {'x'.join(map(str, strip.pool.shape[1:]))}"
+            f", but its models take {'x'.join(map(str, pair.shape))} images"
+        )
     overlays = int(getattr(policy, "overlays", 0))
     if max_overlays is not None and overlays > max_overlays:
         raise SwapError(

@@ -82,7 +82,7 @@ def second_stage(
         for i, e in zip(idx, h, strict=True):
             entropy[int(i)] = float(e)
     if strip.stage == "all":
-        low = np.array([e is not None and e <= strip.sigma for e in entropy])
+        low = np.array([e is not None and e <= strip.sigma for e in entropy], dtype=bool)
         disagree = disagree | low
     return disagree, entropy
 

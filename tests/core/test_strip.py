@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from core.defenses import Members, get_defense
+from core.bundle import load_bundle
+from core.defenses import Members, get_defense, with_policy
 from core.defenses.nnoculation import GoodNetPolicy
 from core.defenses.strip import StripPolicy, StripRejectPolicy
 from core.errors import UserError
+from core.pair import ModelPair, RoundDefense, SwapError
 from core.strip import StripParams, entropy_bits, mean_entropy, superimpose
+from tests.helpers import Lab
 
 
 def test_entropy_matches_a_hand_computed_case() -> None:
@@ -68,6 +71,27 @@ def test_params_round_trip_and_the_overlay_cap() -> None:
     bad = params.to_dict() | {"pool": {"shape": [9, 2, 2, 1], "uint8_base64": "AAAA"}}
     with pytest.raises(ValueError, match="do not fill"):
         StripParams.from_dict(bad)
+    with pytest.raises(ValueError, match="holds 4 images, the manifest says 5"):
+        StripParams.from_dict(params.to_dict() | {"n": 5})
+    empty = params.to_dict() | {"n": 0, "pool": {"shape": [0, 2, 2, 1], "uint8_base64": ""}}
+    with pytest.raises(ValueError, match="holds 0 images"):
+        StripParams.from_dict(empty)
+
+
+def test_with_policy_refuses_rounds_that_cannot_serve(lab: Lab) -> None:
+    """A pool of another shape than the models', members other than the defense's, and
+    more overlays than the cap: each a SwapError, so the follower keeps the old round."""
+    bad = load_bundle(lab.badnet)  # 28x28x1
+    tiny = {"strip": _params().to_dict()}  # 2x2x1 overlays
+    with pytest.raises(SwapError, match="overlays are 2x2x1, but its models take 28x28x1"):
+        with_policy(ModelPair(0, bad, None, RoundDefense("codefend", tiny)))
+    with pytest.raises(SwapError, match="registers badnet, but defense 'nnoculation' serves"):
+        with_policy(ModelPair(0, bad, None, RoundDefense("nnoculation")))
+    pool = np.zeros((16, 28, 28, 1), np.uint8)
+    big = {"strip": StripParams(pool, 0.5, "add", 0.01, "disagreements").to_dict()}
+    with pytest.raises(SwapError, match="16 overlays per input, above the configured maximum"):
+        with_policy(ModelPair(0, bad, None, RoundDefense("codefend", big)), max_overlays=8)
+    assert with_policy(ModelPair(0, bad, None, RoundDefense("codefend", big))).roles == ("badnet",)
 
 
 def _members(triggered: set[int]) -> tuple[Members, dict[str, object]]:

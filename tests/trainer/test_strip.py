@@ -21,6 +21,7 @@ from core.strip import StripParams
 from tests.helpers import SHAPE, TINY_REPAIR, Lab, call_cli, make_blobs
 from trainer.data import Dataset
 from trainer.repair.runner import run_repair_round
+from trainer.repair.selection import confident_mask
 from trainer.rounds import publish_round, running_round
 from trainer.splits import gate_split
 from trainer.strip import (
@@ -152,12 +153,8 @@ def _pair_round_with_strip(tmp_path: Path, lab: Lab, stage: str) -> tuple[Any, S
     return sessions, params
 
 
-def test_strip_filter_keeps_low_entropy_rows_and_the_round_refits_sigma(
-    tmp_path: Path, lab: Lab
-) -> None:
-    sessions, params = _pair_round_with_strip(tmp_path, lab, "disagreements")
-    n = 40
-    entropy = [0.0 if i % 4 else 9.0 for i in range(n)]  # every fourth row: above sigma
+def _quarantine(sessions: Any, lab: Lab, entropy: list[float]) -> None:
+    n = len(entropy)
     samples = [
         NewSample.from_image(
             img, badnet_label=int(b), goodnet_label=int(g), served_round=0,
@@ -169,15 +166,37 @@ def test_strip_filter_keeps_low_entropy_rows_and_the_round_refits_sigma(
     ]  # fmt: skip
     with transaction(sessions) as s:
         add_samples(session=s, samples=samples)
+
+
+def test_strip_filter_keeps_low_entropy_rows_and_the_round_carries_strip(
+    tmp_path: Path, lab: Lab
+) -> None:
+    sessions, params = _pair_round_with_strip(tmp_path, lab, "disagreements")
+    n = 40
+    entropy = [0.0 if i % 4 else 9.0 for i in range(n)]  # every fourth row: above sigma
+    _quarantine(sessions, lab, entropy)
     cfg = replace(TINY_REPAIR, strip_filter=True, min_kept=4)
     valid = make_blobs(800, shape=SHAPE, classes=4, seed=13)
     outcome = run_repair_round(sessions=sessions, store=tmp_path, round_no=1, valid=valid, cfg=cfg)
     assert outcome.status == "succeeded" and outcome.path is not None
     assert outcome.metrics["samples"] == n  # the filtered rows are consumed with the round
-    assert outcome.metrics["samples_kept"] <= n - n // 4
-    refit = StripParams.from_dict(read_round_manifest(outcome.path).params["strip"])
-    assert np.array_equal(refit.pool, params.pool) and refit.frr == params.frr
-    assert refit.sigma != params.sigma  # fitted again on the repaired suspect
+    low = lab.triggered[:n][np.array(entropy) <= params.sigma]
+    assert outcome.metrics["samples_kept"] == int(
+        confident_mask(load_bundle(lab.badnet), low, cfg.min_score).sum()
+    )
+    carried = StripParams.from_dict(read_round_manifest(outcome.path).params["strip"])
+    assert np.array_equal(carried.pool, params.pool) and carried.sigma == params.sigma
+
+
+def test_strip_filter_refuses_a_round_it_would_leave_empty(tmp_path: Path, lab: Lab) -> None:
+    sessions, _ = _pair_round_with_strip(tmp_path, lab, "disagreements")
+    _quarantine(sessions, lab, [9.0] * 20)
+    cfg = replace(TINY_REPAIR, strip_filter=True, min_kept=4)
+    valid = make_blobs(800, shape=SHAPE, classes=4, seed=13)
+    with pytest.raises(UserError, match="--strip-filter leaves none to learn from"):
+        run_repair_round(sessions=sessions, store=tmp_path, round_no=1, valid=valid, cfg=cfg)
+    with sessions() as s:
+        assert [r.round for r in list_rounds(session=s)] == [0]  # nothing opened
 
 
 def test_prepare_nnoculation_with_strip_as_its_second_stage(lab: Lab, tmp_path: Path) -> None:
@@ -187,7 +206,8 @@ def test_prepare_nnoculation_with_strip_as_its_second_stage(lab: Lab, tmp_path: 
     proc = call_cli(
         "trainer", "prepare", "--model", str(lab.badnet), "--valid", f"npz:{valid}",
         "--alphas", "1", "--gammas", "0.2", "--epochs", "1", "--folds", "1", "--sequential",
-        "--strip-overlays", "12", "--strip-frr", "0.05", "--strip-stage", "all", env=env,
+        "--strip-overlays", "12", "--strip-frr", "0.05", "--strip-stage", "all",
+        "--seed", "3", env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sessions = session_factory(open_store(env["BQG_DB"]))

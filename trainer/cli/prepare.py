@@ -88,7 +88,7 @@ def prepare_cmd(
     settings = _settings(db, store)
     step = prepare_step(defense)  # an unknown defense stops here, before any training
     given = overrides or {}
-    strip_names = {f.name for f in fields(StripConfig)}
+    strip_names = {f.name for f in fields(StripConfig) if "help" in f.metadata}  # its options
     cfg = PrepareConfig(
         alphas=_floats(alphas, "--alphas"),
         gammas=_floats(gammas, "--gammas"),

@@ -98,16 +98,13 @@ def gate_round(
     policy: Policy,
     params: Mapping[str, Any] | None = None,
     origin: Mapping[str, nn.Module] | None = None,
-    *,
-    after_policy: tuple[Policy, Mapping[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """The gate's numbers for ``before`` -> ``after`` (role -> model) under ``policy``, also
-    against round 0's ``origin`` when given, and whether the round passes; the candidate
-    is served by ``after_policy`` (its own fitted values) when given. The metrics hold
+    against round 0's ``origin`` when given, and whether the round passes. The metrics hold
     ``failures``: one line per broken bound (empty when it passes)."""
     refs = {"before": before, **({"round 0": origin} if origin is not None else {})}
     answers = {name: served(models, gate, spec, policy, params) for name, models in refs.items()}
-    answers["after"] = served(after, gate, spec, *(after_policy or (policy, params)))
+    answers["after"] = served(after, gate, spec, policy, params)
     y = np.asarray(gate.y)
     ca = {name: float((labels == y).mean()) for name, (labels, _) in answers.items()}
     flagged = {name: float(flags.mean()) for name, (_, flags) in answers.items()}

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.bundle import Bundle, save_bundle
 from core.db import transaction
-from core.defenses import get_defense, load_defense_modules, with_policy
+from core.defenses import load_defense_modules, with_policy
 from core.errors import DataError, UserError
 from core.pair import ModelPair, load_pair
 from core.quarantine import active_round, finish_round, mark_consumed
@@ -50,7 +50,6 @@ from trainer.repair.selection import (
 )
 from trainer.rounds import mark_failed, publish_round, running_round
 from trainer.splits import check_validation, gate_split, split_record
-from trainer.strip import refit
 
 
 @dataclass
@@ -155,8 +154,7 @@ def run_repair_round(
         )
         ctx = RoundContext(round_no, pair, setup.suspect, setup.kept, train, gate, cfg, progress)
         repaired = setup.repairer.repair(ctx)
-        defense = refit(pair.defense, repaired.models["badnet"], pair.badnet.manifest.input, train)
-        metrics = _round_metrics(setup, ctx, repaired, defense.params, held_out=not note)
+        metrics = _round_metrics(setup, ctx, repaired, held_out=not note)
         if not metrics["gate_passed"]:
             return _reject(sessions, ctx, metrics, start, setup.ids)
         metrics["seconds"] = time.perf_counter() - start
@@ -170,7 +168,7 @@ def run_repair_round(
             samples_used=len(setup.ids),
             activated_by=owner or "trainer",
             after_register=lambda session: consume(session, setup.ids, round_no),
-            defense=defense,
+            defense=pair.defense,
             activate=not manual,
             status="awaiting_approval" if manual else "succeeded",
         )
@@ -192,33 +190,19 @@ def run_repair_round(
 
 
 def _round_metrics(
-    setup: _Setup,
-    ctx: RoundContext,
-    repaired: Repaired,
-    params: dict[str, Any],
-    *,
-    held_out: bool,
+    setup: _Setup, ctx: RoundContext, repaired: Repaired, *, held_out: bool
 ) -> dict[str, Any]:
-    """The gate's verdict and each member's gate accuracy, before the repairer's metrics;
-    the candidate is judged with its own fitted ``params`` (STRIP's sigma, refitted)."""
+    """The gate's verdict and each member's gate accuracy, before the repairer's metrics."""
     pair, gate, spec = ctx.pair, ctx.gate, ctx.pair.badnet.manifest.input
     before = {role: pair.member(role).model for role in pair.roles}
     assert pair.policy is not None  # with_policy resolved it
     origin = None
     if setup.origin is not None and setup.origin.roles == pair.roles:
         origin = {r: setup.origin.member(r).model for r in pair.roles}
-    after_policy = get_defense(pair.defense.name).policy(params)  # its own sigma
     gate_metrics, passed = gate_round(
-        before,
-        repaired.models,
-        gate,
-        spec,
-        ctx.cfg,
-        pair.policy,
-        pair.defense.params,
-        origin,
-        after_policy=(after_policy, params),
+        before, repaired.models, gate, spec, ctx.cfg, pair.policy, pair.defense.params, origin
     )
+
     members = {
         role: {
             "before": accuracy(before[role], gate.x, gate.y, spec),

@@ -59,7 +59,14 @@ def strip_kept(pair: ModelPair, entropy: np.ndarray, cfg: RepairConfig) -> np.nd
     if not cfg.strip_filter or "strip" not in pair.defense.params:
         return keep
     sigma = float(pair.defense.params["strip"]["sigma"])
-    return keep & ~(entropy > sigma)  # NaN compares False: unmeasured rows stay
+    keep &= ~(entropy > sigma)  # NaN compares False: unmeasured rows stay
+    if not keep.any():
+        raise UserError(
+            f"all {len(entropy)} pending samples have a STRIP entropy above the round's sigma "
+            f"({sigma:.4g} bits), so --strip-filter leaves none to learn from; wait for more "
+            "samples, or run without --strip-filter"
+        )
+    return keep
 
 
 def _too_few(
