@@ -95,6 +95,19 @@ def disagreeing_images(
     return x, bad.predict(x), good.predict(x)
 
 
+def keeps_serving(gw: Gateway, round_no: int, image: np.ndarray, seconds: float = 3.0) -> Any:
+    """Every answer for ``seconds`` comes from ``round_no`` (a refused swap changes nothing
+    that serves); then the replica's /v1/models entry."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        r = gw.client.post("/predict", json={"pixels": image[:, :, 0].tolist()})
+        assert r.status_code == 200 and r.json()["round"] == round_no
+        time.sleep(0.1)
+    return gw.client.get("/v1/models").json()["models"][0]
+
+
 Answer = tuple[float, int, dict[str, Any]]  # (monotonic time, probe index, response body)
 
 

@@ -16,7 +16,7 @@ from core.defenses import decide_batch
 from core.images import encode_png
 from core.pair import ModelPair, RoundDefense
 from core.quarantine import activate_round
-from tests.gateway.conftest import Gateway, Lab, publish_pair, under_load
+from tests.gateway.conftest import Gateway, Lab, keeps_serving, publish_pair, under_load
 from tests.plugins.mirror_defense import MirrorCheckPolicy
 
 pytestmark = pytest.mark.integration
@@ -98,11 +98,6 @@ def test_a_round_naming_an_unknown_defense_is_refused_and_the_old_one_serves(
     gw = gateway_factory("gwunknown")
     publish_pair(gw.sessions, gw.store, 1, lab.badnet, lab.goodnet, activate=False, defense="strp")
     activate(gw, 1)
-    deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline:
-        r = gw.client.post("/predict", json={"pixels": lab.clean[0][:, :, 0].tolist()})
-        assert r.status_code == 200 and r.json()["round"] == 0
-        time.sleep(0.1)
-    model = gw.client.get("/v1/models").json()["models"][0]
+    model = keeps_serving(gw, 0, lab.clean[0])
     assert model["round"] == 0 and model["defense"] == "nnoculation"
     assert "unknown defense 'strp'" in model["last_swap_failure"]

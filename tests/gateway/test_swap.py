@@ -15,7 +15,7 @@ from core.bundle import WEIGHTS_NAME
 from core.db import transaction
 from core.images import encode_png
 from core.quarantine import activate_round
-from tests.gateway.conftest import Gateway, Lab, publish_pair, under_load
+from tests.gateway.conftest import Gateway, Lab, keeps_serving, publish_pair, under_load
 from tests.helpers import ADMIN
 
 pytestmark = pytest.mark.integration
@@ -90,12 +90,7 @@ def test_a_corrupt_bundle_is_refused_and_the_old_round_keeps_serving(
     weights.write_bytes(bytes(data))  # the file no longer matches its registered sha256
     with transaction(gw.sessions) as s:
         activate_round(session=s, round_no=1, activated_by="test")
-    deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline:
-        r = gw.client.post("/predict", json={"pixels": lab.clean[0][:, :, 0].tolist()})
-        assert r.status_code == 200 and r.json()["round"] == 0
-        time.sleep(0.1)
-    model = gw.client.get("/v1/models").json()["models"][0]
+    model = keeps_serving(gw, 0, lab.clean[0])
     assert model["round"] == 0
     assert model["swap_failures"] == 1  # counted once, then retried only after a back-off
     assert "round 1" in model["last_swap_failure"] and "sha256" in model["last_swap_failure"]
