@@ -131,10 +131,11 @@ def render(data: dict[str, Any]) -> str:
         far_txt = f"{100 * far['far']:.1f}%" if far else "-"
         rd = row["rounds"][0] if row["rounds"] else {}
         if after is None:
-            why = rd.get("reason", "no round")[:80]
+            why = rd.get("reason", "no round")
+            what = "gate rejected round 1" if "rejected" in why else "no round 1 (not detected)"
             lines.append(
                 f"| {row['label']} | {100 * alone['ca']:.2f} | {100 * alone['asr']:.2f} | - | - "
-                f"| - | not detected: {why} | - | {far_txt} | - |"
+                f"| - | {what}: {why[:90]} | - | {far_txt} | - |"
             )
             continue
         goal = data["checks"].get(row["label"])
