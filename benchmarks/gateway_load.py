@@ -99,6 +99,18 @@ def floor(bad_dir: Path, good_dir: Path, images: np.ndarray) -> dict[str, float]
     return {"images_per_s_batch32": rps32, "ms_per_image_batch1": 1000 * statistics.median(single)}
 
 
+def patch_stream(x: np.ndarray, zoo: Path, requests: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``requests`` stream images, 10% of them (seed 0) carrying the zoo's patch
+    trigger: (images, which are triggered)."""
+    attack = attack_of(zoo / "patch")
+    assert attack is not None
+    rng = np.random.default_rng(0)
+    images = x[:requests].copy()
+    poisoned = rng.random(len(images)) < 0.10
+    images[poisoned] = attack.groups[0].apply(images[poisoned], rng)
+    return images, poisoned
+
+
 def run(zoo: Path, requests: int, repeats: int) -> dict[str, Any]:
     started = provenance()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -110,12 +122,7 @@ def run(zoo: Path, requests: int, repeats: int) -> dict[str, Any]:
 
     settings = Settings()
     stream = load_fashion_mnist(settings.fashion_mnist_dir, "stream")
-    attack = attack_of(zoo / "patch")
-    assert attack is not None
-    rng = np.random.default_rng(0)
-    images = stream.x[:requests].copy()
-    poisoned = rng.random(len(images)) < 0.10
-    images[poisoned] = attack.groups[0].apply(images[poisoned], rng)
+    images, poisoned = patch_stream(stream.x, zoo, requests)
     bodies = [encode_png(img) for img in images]
     result: dict[str, Any] = {
         "provenance": started,

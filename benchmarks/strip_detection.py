@@ -35,7 +35,8 @@ from benchmarks.results import defender_data, provenance, publish
 from benchmarks.strip_load import load_runs
 from benchmarks.strip_report import render
 from core.bundle import Bundle, load_bundle
-from core.strip import MODES, StripParams, entropy_bits, superimpose
+from core.strip import MODES, StripParams, superimpose
+from core.strip import entropy_matrix as strip_entropies
 from trainer.attacks.poison import Attack, counted, triggered
 from trainer.data import Dataset
 from trainer.lab import attack_of
@@ -45,17 +46,11 @@ from trainer.strip import fit_sigma, overlay_pool
 NAME = "strip_detection"
 NS = (8, 16, 32, 100)
 FRRS = (0.01, 0.05)
-CHUNK = 64  # inputs per forward: 64 x 100 blends
 
 
 def entropy_matrix(bundle: Bundle, x: np.ndarray, pool: np.ndarray, mode: str) -> np.ndarray:
     """(len(x), len(pool)): each input's entropy against each overlay."""
-    rows = []
-    for i in range(0, len(x), CHUNK):
-        part = x[i : i + CHUNK]
-        probs = bundle.logits(superimpose(part, pool, mode)).softmax(1)
-        rows.append(entropy_bits(probs).reshape(len(part), len(pool)).numpy())
-    return np.concatenate(rows) if rows else np.zeros((0, len(pool)))
+    return strip_entropies(lambda blends: bundle.logits(blends).softmax(1), x, pool, mode)
 
 
 def attack_inputs(

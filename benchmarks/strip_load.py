@@ -11,15 +11,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from benchmarks.gateway_load import _batch_delta, _load
+from benchmarks.gateway_load import _batch_delta, _load, patch_stream
 from core.db import open_store, session_factory
 from core.images import encode_png
 from core.pair import RoundDefense
 from core.strip import StripParams
 from trainer.data import Dataset
-from trainer.lab import attack_of
 from trainer.rounds import publish_round, running_round
 
 CONCURRENCY = (8, 32)
@@ -43,16 +40,6 @@ def _publish(store: Path, zoo: Path, defense: RoundDefense) -> str:
     return db_url
 
 
-def _bodies(stream: Dataset, zoo: Path, requests: int) -> list[bytes]:
-    attack = attack_of(zoo / "patch")
-    assert attack is not None
-    rng = np.random.default_rng(0)
-    images = stream.x[:requests].copy()
-    poisoned = rng.random(len(images)) < 0.10
-    images[poisoned] = attack.groups[0].apply(images[poisoned], rng)
-    return [encode_png(img) for img in images]
-
-
 def load_runs(
     zoo: Path, stream: Dataset, params: dict[int, StripParams], requests: int, repeats: int
 ) -> dict[str, Any]:
@@ -65,7 +52,7 @@ def load_runs(
     from gateway.app import build_app
     from gateway.config import GatewayArgs
 
-    bodies = _bodies(stream, zoo, requests)
+    bodies = [encode_png(img) for img in patch_stream(stream.x, zoo, requests)[0]]
     defenses = {"ensemble": RoundDefense("nnoculation")} | {
         f"strip{n}": RoundDefense("codefend", {"strip": p.to_dict()}) for n, p in params.items()
     }

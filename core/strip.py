@@ -47,24 +47,36 @@ def entropy_bits(probs: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log2(p.clamp_min(1e-300))).sum(1)
 
 
+def entropy_matrix(
+    run: Callable[[NDArray[np.uint8]], torch.Tensor],
+    images: NDArray[np.uint8],
+    pool: NDArray[np.uint8],
+    mode: str,
+) -> NDArray[np.float64]:
+    """(B, N): each input's entropy against each overlay, from one call on all B*N blends
+    when they number at most ``MAX_BLENDS``, else from calls of that size (``run``: images
+    -> softmax)."""
+    if len(images) == 0:
+        return np.zeros((0, len(pool)))
+    step = max(1, MAX_BLENDS // len(pool))  # a request batch (32 x 128 at most) is one call
+    parts = []
+    for i in range(0, len(images), step):
+        part = images[i : i + step]
+        probs = run(superimpose(part, pool, mode))
+        parts.append(entropy_bits(probs).reshape(len(part), len(pool)).numpy())
+    return np.concatenate(parts)
+
+
 def mean_entropy(
     run: Callable[[NDArray[np.uint8]], torch.Tensor],
     images: NDArray[np.uint8],
     pool: NDArray[np.uint8],
     mode: str,
 ) -> NDArray[np.float64]:
-    """H_t for each input (B,): the entropy of ``run``'s softmax averaged over the N blends,
-    computed in one call on all B*N blends when they number at most ``MAX_BLENDS``, else in
-    calls of that size (``run``: images -> softmax)."""
-    if len(images) == 0:
-        return np.zeros(0)
-    step = max(1, MAX_BLENDS // len(pool))  # a request batch (32 x 128 at most) is one call
-    parts = []
-    for i in range(0, len(images), step):
-        part = images[i : i + step]
-        probs = run(superimpose(part, pool, mode))
-        parts.append(entropy_bits(probs).reshape(len(part), len(pool)).mean(1).numpy())
-    return np.concatenate(parts)
+    """H_t for each input (B,): the entropy of ``run``'s softmax averaged over the N blends
+    (:func:`entropy_matrix`)."""
+    out: NDArray[np.float64] = entropy_matrix(run, images, pool, mode).mean(1)
+    return out
 
 
 def _encode(pool: NDArray[np.uint8]) -> dict[str, Any]:
