@@ -210,6 +210,8 @@ class Ensemble:
             "round": pair.round,
             "defense": pair.defense.name,
             "policy": "single-model" if self.single_model else policy,
+            # why the policy serves otherwise than its name says (bbd-targeted, no targets)
+            "policy_note": (getattr(pair.policy, "note", "") or None) if policy else None,
             "hashes": pair.hashes(),
             "input": {"height": spec.height, "width": spec.width, "channels": spec.channels},
             "class_names": pair.class_names,

@@ -122,3 +122,25 @@ def trigger_figure(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def reversed_trigger_figure(
+    mask: np.ndarray, pattern: np.ndarray, path: Path, target: int, l1: float
+) -> None:
+    """One Neural Cleanse class: its mask, its pattern, and the two laid together."""
+    gray = pattern.shape[-1] == 1
+    shown = pattern[..., 0] if gray else pattern
+    fig, axes = plt.subplots(1, 3, figsize=(6, 2.3))
+    panels = [
+        (mask, "mask"),
+        (shown, "pattern"),
+        (mask[..., None] * pattern if not gray else mask * shown, "mask x pattern"),
+    ]
+    for ax, (img, title) in zip(axes, panels, strict=True):
+        ax.imshow(np.clip(img, 0, 1), cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"class {target}: mask L1 {l1:.1f}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -37,6 +37,7 @@ class Members:
         self.images = images  # (N, H, W, C) uint8, the request batch
         self.params: Mapping[str, Any] = params or {}  # the round's fitted values
         self._probs: dict[str, torch.Tensor] = {}
+        self._partial: dict[str, tuple[NDArray[np.intp], torch.Tensor]] = {}
 
     @classmethod
     def of_pair(cls, pair: ModelPair, images: NDArray[np.uint8]) -> Members:
@@ -58,6 +59,36 @@ class Members:
         if role not in self._probs:
             self._probs[role] = self._runner(role)(self.images).softmax(1)
         return self._probs[role]
+
+    def probs_at(self, role: str, idx: NDArray[np.intp]) -> torch.Tensor:
+        """``role``'s softmax on the request inputs ``idx`` alone, (len(idx), K), in one
+        forward (none for an empty ``idx``); kept, so each answer can record it."""
+        if role in self._probs:
+            return self._probs[role][idx]
+        idx = np.asarray(idx, dtype=np.intp)
+        if len(idx) == 0:
+            out = torch.zeros(0, self.probs("badnet").shape[1])  # every member has K classes
+        else:
+            out = self._runner(role)(self.images[idx]).softmax(1)
+        self._partial[role] = (idx, out)
+        return out
+
+    def top(self, role: str) -> tuple[list[float | None], list[int | None]]:
+        """Per request input, ``role``'s top score and label where the policy ran it on that
+        input (None elsewhere): a policy that consults a member on a few inputs does not
+        pay for the rest."""
+        n = len(self.images)
+        if role in self._probs:
+            score, label = self._probs[role].max(1)
+            return [float(s) for s in score], [int(k) for k in label]
+        scores: list[float | None] = [None] * n
+        labels: list[int | None] = [None] * n
+        if role in self._partial:
+            idx, probs = self._partial[role]
+            score, label = probs.max(1) if len(idx) else (torch.zeros(0), torch.zeros(0))
+            for i, s, k in zip(idx.tolist(), score.tolist(), label.tolist(), strict=True):
+                scores[i], labels[i] = float(s), int(k)
+        return scores, labels
 
     def run(self, role: str, images: NDArray[np.uint8]) -> torch.Tensor:
         """``role``'s softmax on any batch (M, H, W, C), such as transformed copies, in one
@@ -93,7 +124,7 @@ class Decision:
     label: int | None
     suspect: bool
     badnet_label: int
-    goodnet_label: int | None  # None: a single-model round
+    goodnet_label: int | None  # None: a single-model round, or the policy did not run it
     badnet_score: float
     goodnet_score: float | None
     round: int
@@ -105,18 +136,18 @@ def decide_batch(pair: ModelPair, images: NDArray[np.uint8], policy: Policy) -> 
     records each member's label and score, which the quarantine row keeps."""
     members = Members.of_pair(pair, images)
     verdict = policy.decide(members)
-    top = {role: members.probs(role).max(1) for role in pair.roles}
-    bad_score, bad_label = top["badnet"]
-    good = top.get("goodnet")
+    members.probs("badnet")  # every answer records the suspect's label
+    bad_score, bad_label = members.top("badnet")
+    good_score, good_label = members.top("goodnet")
     entropy = verdict.entropy or [None] * len(images)
     return [
         Decision(
             label=verdict.labels[i],
             suspect=bool(verdict.suspect[i]),
-            badnet_label=int(bad_label[i]),
-            goodnet_label=None if good is None else int(good[1][i]),
-            badnet_score=float(bad_score[i]),
-            goodnet_score=None if good is None else float(good[0][i]),
+            badnet_label=int(bad_label[i]),  # type: ignore[arg-type]  # computed on all
+            goodnet_label=good_label[i],
+            badnet_score=float(bad_score[i]),  # type: ignore[arg-type]
+            goodnet_score=good_score[i],
             round=pair.round,
             entropy=entropy[i],
         )

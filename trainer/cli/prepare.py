@@ -12,10 +12,13 @@ from rich.progress import MofNCompleteColumn, Progress
 
 from core.bundle import load_bundle
 from core.db import open_store, safe_url, session_factory, transaction
+from core.defenses import get_defense
 from core.pair import DEFAULT_DEFENSE
 from core.quarantine import (
     prune_consumed,
 )
+from trainer.cleanse import BBDConfig
+from trainer.cli.bbd import run_bbd_step
 from trainer.cli.common import (
     DbOpt,
     StoreOpt,
@@ -27,7 +30,7 @@ from trainer.cli.common import (
     err_console,
     out_console,
 )
-from trainer.defenses import prepare_step
+from trainer.defenses import BBD_STEPS, prepare_step
 from trainer.grid import run_ray, run_sequential, start_local_ray
 from trainer.options import config_options
 from trainer.prepare import DEFAULT_ALPHAS, DEFAULT_GAMMAS, PrepareConfig
@@ -37,6 +40,7 @@ from trainer.strip import StripConfig, prepare_strip_round
 
 
 @app.command("prepare")
+@config_options(BBDConfig)
 @config_options(StripConfig)
 @config_options(PrepareConfig)
 def prepare_cmd(
@@ -84,26 +88,33 @@ def prepare_cmd(
     overrides: dict[str, Any] | None = None,
 ) -> None:
     """Run the defense's pre-deployment step and register, then activate, round 0: the
-    GoodNet grid (NNoculation), or fitting STRIP beside the suspect alone (CoDefend)."""
+    GoodNet grid (NNoculation), fitting STRIP beside the suspect alone (CoDefend), or the
+    Fine-Pruned twin and Neural Cleanse's targets (BBD)."""
     settings = _settings(db, store)
     step = prepare_step(defense)  # an unknown defense stops here, before any training
     given = overrides or {}
-    strip_names = {f.name for f in fields(StripConfig) if "help" in f.metadata}  # its options
+    strip_names = _option_names(StripConfig)
+    bbd_names = _option_names(BBDConfig)
     cfg = PrepareConfig(
         alphas=_floats(alphas, "--alphas"),
         gammas=_floats(gammas, "--gammas"),
         schedule=schedule,  # type: ignore[arg-type]  # validated below
         augment=tuple(a.strip() for a in augment.split(",") if a.strip() not in ("", "none")),
-        **{k: v for k, v in given.items() if k not in strip_names},
+        **{k: v for k, v in given.items() if k not in strip_names | bbd_names},
     )
     cfg.validate()
     strip = StripConfig(seed=cfg.seed, **{k: v for k, v in given.items() if k in strip_names})
     strip.validate(settings.strip_max_overlays)
+    bbd = BBDConfig(seed=cfg.seed, **{k: v for k, v in given.items() if k in bbd_names})
+    bbd.validate()
     suspect = load_bundle(model, trusted_modules=settings.trusted_arch_modules)
     data = _load(valid, settings, "valid")
     check_validation(suspect, data)
     sessions = _open_sessions(settings)
     common = dict(defense=defense, suspect_dir=model, suspect=suspect, valid=data)
+    if get_defense(defense).prepare in BBD_STEPS:
+        run_bbd_step(step, common, bbd, settings, sessions, cfg.gate_fraction, parallel)
+        return
     if step is prepare_strip_round:
         report, path = step(
             **common,
@@ -118,6 +129,11 @@ def prepare_cmd(
         step, common, cfg, strip, settings, sessions, parallel=parallel, base_lr=base_lr
     )
     _print_round_zero(result, cfg, defense, path)
+
+
+def _option_names(cls: type) -> set[str]:
+    """The fields of a config dataclass that are command-line options."""
+    return {f.name for f in fields(cls) if "help" in f.metadata}
 
 
 def _run_grid(

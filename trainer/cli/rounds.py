@@ -185,6 +185,8 @@ def _round_row(r: RepairRound, active: int | None) -> tuple[str, ...]:
         or ("; ".join(failures) if failures else "")
         or ("gate failed" if r.status == "rejected" else "")
     )
+    if r.metrics.get("note"):  # e.g. a targeted BBD round that runs untargeted
+        note = f"{note}; {r.metrics['note']}" if note else r.metrics["note"]
     if r.status == "running":
         note = f"run by {r.owner or '?'}"
     elif r.status == "awaiting_approval":
@@ -196,7 +198,7 @@ def _round_row(r: RepairRound, active: int | None) -> tuple[str, ...]:
         "" if ca is None else f"{100 * ca:.2f}%",
         "" if seconds is None else f"{seconds:.0f}s",
         "yes" if r.round == active else "",
-        note[:80],
+        note[:160],
     )
 
 

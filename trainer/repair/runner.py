@@ -223,6 +223,8 @@ def _round_metrics(
     }
     if "goodnet" in members:
         metrics["clean_accuracy_goodnet"] = members["goodnet"]["after"]
+    if getattr(pair.policy, "note", ""):  # shown by 'trainer status'
+        metrics["note"] = pair.policy.note  # type: ignore[attr-defined]
     _merge(metrics, repaired.metrics)
     return metrics
 

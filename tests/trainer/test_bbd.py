@@ -1,0 +1,124 @@
+"""Fine-Pruning, Neural Cleanse's anomaly index, and the bad input BBD's steps refuse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from core.bundle import load_bundle, save_bundle
+from core.errors import UserError
+from core.nets import build_model
+from tests.helpers import Lab, make_blobs, spec_for
+from trainer.cleanse import BBDConfig
+from trainer.fineprune import (
+    conv_layers,
+    fine_prune,
+    mean_activations,
+    pruned_channels,
+    resolve_layer,
+)
+from trainer.loop import FitConfig
+from trainer.neural_cleanse import CONSISTENCY, anomaly_indices, flagged_classes
+
+SHAPE = (28, 28, 1)
+
+
+def test_pruned_channels_stay_zero_through_fine_tuning_and_the_bundle(
+    lab: Lab, tmp_path: Path
+) -> None:
+    bad = load_bundle(lab.badnet)
+    spec = bad.manifest.input
+    valid = make_blobs(400, shape=SHAPE, classes=4, seed=5)
+    layer = resolve_layer(bad.model, spec, None)
+    assert layer == conv_layers(bad.model, spec)[-1] == "features.3"
+    pruned = fine_prune(
+        bad.model, spec, valid, layer=None, drop=4.0, fit_cfg=BBDConfig(prune_epochs=2).prune_fit()
+    )
+    channels = pruned.channels
+    assert 0 < len(channels) < 64
+    assert pruned.record["prune_ratio"] == pytest.approx(len(channels) / 64)
+    # the drop rule: the pruned model is within 4 points on the data it was measured on
+    assert 100 * (pruned.record["accuracy_before"] - pruned.record["accuracy_pruned"]) <= 4
+    assert sorted(pruned_channels(pruned.model, layer)) == sorted(channels)
+    assert not any(p.requires_grad is False for p in pruned.model.parameters())
+    m = bad.manifest
+    save_bundle(
+        pruned.model, tmp_path / "r", arch=m.arch, arch_kwargs=m.arch_kwargs,
+        class_names=m.class_names, input_spec=spec,
+    )  # fmt: skip
+    again = load_bundle(tmp_path / "r")
+    assert again.manifest.weights_sha256 != m.weights_sha256
+    assert sorted(pruned_channels(again.model, layer)) == sorted(channels)
+    acts = mean_activations(again.model, spec, layer, valid.x)
+    assert np.all(acts[channels] == 0) and acts.sum() > 0
+    # the original suspect is untouched
+    assert pruned_channels(bad.model, layer) == []
+
+
+def test_a_batchnorm_after_the_pruned_conv_is_zeroed_too() -> None:
+    spec = spec_for((32, 32, 3))
+    model = build_model(
+        "color-cnn", {"in_channels": 3, "num_classes": 4, "height": 32, "width": 32}
+    )
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.bias.fill_(0.3)  # a live channel even when its conv is zero
+    data = make_blobs(16, shape=(32, 32, 3), classes=4, seed=0)
+    pruned = fine_prune(
+        model, spec, data, layer="features.17", drop=100.0, fit_cfg=FitConfig(epochs=1)
+    )
+    assert len(pruned.channels) == 127  # all but one: the layer must pass something on
+    acts = mean_activations(pruned.model, spec, "features.17", data.x)
+    assert np.all(acts[pruned.channels] == 0)
+
+
+@pytest.mark.parametrize(
+    ("layer", "drop", "message"),
+    [
+        ("features.99", 4.0, "not a module"),
+        ("classifier.0", 4.0, "is a Linear, not a Conv2d"),
+        (None, 101.0, "0 to 100"),
+        (None, -1.0, "0 to 100"),
+    ],
+)
+def test_fine_pruning_refuses_bad_input(
+    lab: Lab, layer: str | None, drop: float, message: str
+) -> None:
+    bad = load_bundle(lab.badnet)
+    valid = make_blobs(64, shape=SHAPE, classes=4, seed=5)
+    with pytest.raises(UserError, match=message):
+        fine_prune(
+            bad.model, bad.manifest.input, valid, layer=layer, drop=drop, fit_cfg=FitConfig()
+        )
+
+
+def test_a_model_without_a_convolution_is_refused() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 4))
+    with pytest.raises(UserError, match="runs no 2-D convolution"):
+        resolve_layer(model, spec_for(SHAPE), None)
+
+
+def test_the_bbd_settings_refuse_a_prune_amount_outside_0_to_100() -> None:
+    with pytest.raises(UserError, match="--prune-drop"):
+        BBDConfig(prune_drop=150).validate()
+    with pytest.raises(UserError, match="--unlearn-fraction"):
+        BBDConfig(unlearn_fraction=0).validate()
+
+
+def test_the_anomaly_index_on_hand_made_norms() -> None:
+    l1 = [10.0, 50, 52, 48, 51, 49, 53, 47, 50, 50]
+    # median 50; |L1 - 50| = 40, 0, 2, 2, 1, 1, 3, 3, 0, 0 -> their median 1.5
+    index = anomaly_indices(l1)
+    assert index[0] == pytest.approx(40 / (CONSISTENCY * 1.5))
+    assert index[6] == pytest.approx(3 / (CONSISTENCY * 1.5))
+    assert flagged_classes(l1) == [0]
+    # a large trigger is anomalous too, but above the median: not a backdoor
+    assert flagged_classes([90.0, 50, 52, 48, 51, 49, 53, 47, 50, 50]) == []
+    # no spread: nothing stands out; an unreached class (inf) is never flagged
+    assert list(anomaly_indices([5.0, 5, 5])) == [0, 0, 0]
+    assert flagged_classes([np.inf, 50, 52, 48, 51, 10]) == [5]

@@ -1,0 +1,140 @@
+"""BBD's pre-deployment steps (paper 004, §3 and §4.1): the suspect beside its Fine-Pruned
+twin R, and for the targeted rule the target classes Neural Cleanse flags.
+
+- ``fine-pruning``: R is the suspect Fine-Pruned on the clean validation data less the
+  gate split (Liu et al., RAID'18, §4).
+- ``bbd``: the same R, plus a Neural Cleanse scan of every class of the suspect (Wang et
+  al., S&P'19, §IV); its flagged classes are the manifest's ``targets``, and the reversed
+  triggers are kept in the round directory for a person and for unlearning.
+
+Only clean validation data is used, never a trigger, and never the gate split, so the gate
+of a later round measures on images none of this saw.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.bundle import Bundle, save_bundle
+from core.defenses.bbd import NO_TARGETS
+from core.pair import RoundDefense
+from trainer.cleanse import BBDConfig, save_triggers, scan, scan_record
+from trainer.data import Dataset
+from trainer.fineprune import Pruned, fine_prune
+from trainer.loop import accuracy
+from trainer.rounds import publish_round, running_round
+from trainer.splits import GATE_FRACTION, check_validation, gate_split, split_record
+
+Progress = Callable[[str], None]
+
+
+def pruned_meta(pruned: Pruned) -> dict[str, Any]:
+    """What R's bundle records of its pruning, so later fine-tuning keeps the zeros."""
+    return {"layer": pruned.layer, "channels": pruned.channels}
+
+
+def save_twin(out: Path, suspect: Bundle, pruned: Pruned, meta: dict[str, Any]) -> None:
+    m = suspect.manifest
+    save_bundle(
+        pruned.model,
+        out,
+        arch=m.arch,
+        arch_kwargs=m.arch_kwargs,
+        class_names=m.class_names,
+        input_spec=m.input,
+        meta={"role": "goodnet", "pruned": pruned_meta(pruned), **meta},
+    )
+
+
+def neural_cleanse(
+    suspect: Bundle, data: Dataset, cfg: BBDConfig, parallel: bool, progress: Progress
+) -> tuple[list[Any], dict[str, Any]]:
+    """Every class's reversed trigger for ``suspect`` and the anomaly table."""
+    clean = data.x[: cfg.nc_images]
+    classes = list(range(suspect.manifest.num_classes))
+    m = suspect.manifest
+    triggers = scan(
+        suspect.model, m.input, clean, classes, cfg.cleanse(), parallel=parallel, progress=progress
+    )
+    return triggers, scan_record(triggers, cfg.nc_threshold)
+
+
+def prepare_bbd_round(
+    *,
+    defense: str,
+    suspect_dir: Path,
+    suspect: Bundle,
+    valid: Dataset,
+    bbd: BBDConfig,
+    sessions: sessionmaker[Session],
+    store: Path,
+    targeted: bool,
+    parallel: bool = False,
+    gate_fraction: float = GATE_FRACTION,
+    progress: Progress = lambda message: None,
+) -> tuple[dict[str, Any], Path]:
+    """Round 0 of a BBD stack: the suspect as badnet/, R as goodnet/, and (``targeted``)
+    the Neural Cleanse targets; publishes and activates it."""
+    bbd.validate()
+    check_validation(suspect, valid)
+    start = time.perf_counter()
+    rest, gate = gate_split(valid, gate_fraction)
+    m = suspect.manifest
+    pruned = fine_prune(
+        suspect.model, m.input, rest, layer=bbd.layer, drop=bbd.prune_drop,
+        fit_cfg=bbd.prune_fit(), progress=progress,
+    )  # fmt: skip
+    params: dict[str, Any] = {"bbd": bbd.to_dict(), "fine_pruning": _public(pruned.record)}
+    triggers: list[Any] = []
+    if targeted:
+        triggers, table = neural_cleanse(suspect, rest, bbd, parallel, progress)
+        params.update(targets=table["flagged"], neural_cleanse=table)
+    report = {
+        **params,
+        "gate_images": len(gate),
+        "clean_accuracy_badnet": accuracy(suspect.model, gate.x, gate.y, m.input),
+        "clean_accuracy_goodnet": accuracy(pruned.model, gate.x, gate.y, m.input),
+        "seconds": time.perf_counter() - start,
+    }
+    if targeted and not params["targets"]:
+        report["note"] = NO_TARGETS
+        progress(NO_TARGETS)
+
+    def write(out: Path) -> None:
+        shutil.copytree(suspect_dir, out / "badnet")
+        meta = {
+            "round": 0,
+            "created_by": "trainer prepare",
+            "created_at": datetime.now(UTC).isoformat(),
+            "metrics": {"clean_accuracy_gate": report["clean_accuracy_goodnet"]},
+            "gate_split": split_record(gate, gate_fraction),
+        }
+        save_twin(out / "goodnet", suspect, pruned, meta)
+        if triggers:
+            params["triggers_sha256"] = save_triggers(out, triggers)
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    with running_round(sessions, 0):
+        path = publish_round(
+            sessions=sessions,
+            store=store,
+            round_no=0,
+            write=write,
+            metrics={k: v for k, v in report.items() if k != "bbd"},
+            activated_by="trainer prepare",
+            defense=RoundDefense(defense, params),
+        )
+    return report, path
+
+
+def _public(record: dict[str, Any]) -> dict[str, Any]:
+    """A pruning record for the manifest: without the per-step accuracy curve."""
+    return {k: v for k, v in record.items() if k not in ("accuracy_curve", "finetune")}
