@@ -88,15 +88,16 @@ def prepare_bbd_round(
     start = time.perf_counter()
     rest, gate = gate_split(valid, gate_fraction)
     m = suspect.manifest
-    pruned = fine_prune(
-        suspect.model, m.input, rest, layer=bbd.layer, drop=bbd.prune_drop,
-        fit_cfg=bbd.prune_fit(), progress=progress,
-    )  # fmt: skip
-    params: dict[str, Any] = {"bbd": bbd.to_dict(), "fine_pruning": _public(pruned.record)}
+    params: dict[str, Any] = {"bbd": bbd.to_dict()}
     triggers: list[Any] = []
-    if targeted:
+    if targeted:  # first: the targets set the twin's pruning budget
         triggers, table = neural_cleanse(suspect, rest, bbd, parallel, progress)
         params.update(targets=table["flagged"], neural_cleanse=table)
+    pruned = fine_prune(
+        suspect.model, m.input, rest, layer=bbd.layer, budget=bbd.budget(params.get("targets")),
+        fit_cfg=bbd.prune_fit(), progress=progress,
+    )  # fmt: skip
+    params["fine_pruning"] = _public(pruned.record)
     report = {
         **params,
         "gate_images": len(gate),
@@ -137,4 +138,4 @@ def prepare_bbd_round(
 
 def _public(record: dict[str, Any]) -> dict[str, Any]:
     """A pruning record for the manifest: without the per-step accuracy curve."""
-    return {k: v for k, v in record.items() if k not in ("accuracy_curve", "finetune")}
+    return {k: v for k, v in record.items() if k not in ("curve", "finetune")}

@@ -23,7 +23,7 @@ from torch import nn
 from core.bundle import InputSpec
 from core.errors import BundleError, UserError
 from trainer.data import Dataset
-from trainer.fineprune import held_at_zero, pruned_channels, resolve_layer
+from trainer.fineprune import Budget, held_at_zero, pruned_channels, resolve_layer
 from trainer.loop import FitConfig, fit
 from trainer.neural_cleanse import (
     CleanseConfig,
@@ -44,6 +44,11 @@ class BBDConfig:
 
     prune_drop: float = option_field(
         4.0, "Fine-Pruning: prune until validation accuracy has dropped this many points."
+    )
+    prune_frr: float = option_field(
+        0.01,
+        "bbd-targeted, when Neural Cleanse flags a target: prune R while the clean validation "
+        "inputs its rule would reject stay within this share (--prune-drop otherwise).",
     )
     layer: str | None = option_field(
         None, "Fine-Pruning: the Conv2d to prune, by module name (default: the last one run)."
@@ -68,6 +73,7 @@ class BBDConfig:
                 0 <= self.prune_drop <= 100,
                 f"--prune-drop is in points, 0 to 100: {self.prune_drop:g}",
             ),
+            (0 <= self.prune_frr < 1, f"--prune-frr is a rate in [0, 1): {self.prune_frr:g}"),
             (self.prune_epochs >= 0, "--prune-epochs must be 0 or more"),
             (
                 self.nc_epochs >= 1 and self.nc_images >= 1,
@@ -83,6 +89,13 @@ class BBDConfig:
 
     def cleanse(self) -> CleanseConfig:
         return CleanseConfig(epochs=self.nc_epochs, seed=self.seed)
+
+    def budget(self, targets: list[int] | None = None) -> Budget:
+        """Fine-Pruning's stop rule: the FRR budget for a targeted twin with targets, else
+        the accuracy drop."""
+        if targets:
+            return Budget(self.prune_drop, self.prune_frr, tuple(targets))
+        return Budget(self.prune_drop)
 
     def prune_fit(self) -> FitConfig:
         """BBD §4.1: fine-tune R with SGD at lr 1e-3 on clean data."""

@@ -26,7 +26,7 @@ from torch.nn.utils import prune
 from core.bundle import InputSpec, batched_logits
 from core.errors import UserError
 from trainer.data import Dataset
-from trainer.loop import FitConfig, accuracy, fit
+from trainer.loop import FitConfig, accuracy, fit, predict
 
 
 def conv_layers(model: nn.Module, spec: InputSpec) -> list[str]:
@@ -171,24 +171,54 @@ class Pruned:
     record: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """Where pruning stops, measured on clean validation data after each channel.
+
+    By default the accuracy may drop ``drop`` points (Liu et al. §4.2: 4). With ``frr``
+    set (BBD's targeted rule), the share of clean inputs the rule would reject instead
+    (the suspect answers one of ``targets`` and the pruned model disagrees) may reach
+    ``frr``: that rejection is the rule's whole clean cost (paper 004 §3), so the twin
+    is pruned as deep as the operator's false-rejection budget allows.
+    """
+
+    drop: float = 4.0
+    frr: float | None = None
+    targets: tuple[int, ...] = ()
+
+    def check(self) -> None:
+        if not 0 <= self.drop <= 100:
+            raise UserError(f"--prune-drop is in accuracy points, 0 to 100; got {self.drop:g}")
+        if self.frr is not None and not 0 <= self.frr < 1:
+            raise UserError(f"--prune-frr is a rate in [0, 1), got {self.frr:g}")
+
+    def describe(self) -> str:
+        if self.frr is None:
+            return f"validation CA within {self.drop:g} points"
+        return f"targeted rejections of clean validation inputs within {100 * self.frr:g}%"
+
+
 def prune_until(
-    model: nn.Module, spec: InputSpec, layer: str, valid: Dataset, drop: float
+    model: nn.Module, spec: InputSpec, layer: str, valid: Dataset, budget: Budget
 ) -> tuple[list[int], dict[str, Any]]:
     """Prune ``layer``'s channels of ``model`` in place, least active first, while the
-    accuracy on ``valid`` stays within ``drop`` points of the unpruned model's; returns the
-    pruned channels and the accuracies along the way. Channels already at zero (an earlier
-    round's) stay pruned and are not counted again."""
+    ``budget`` holds on ``valid``; returns the pruned channels and the accuracies along the
+    way. Channels already at zero (an earlier round's) stay pruned and are not counted."""
     acts = mean_activations(model, spec, layer, valid.x)
-    base = accuracy(model, valid.x, valid.y, spec)
+    suspect = predict(model, valid.x, spec)
+    base = float(np.mean(suspect == valid.y))
+    watched = np.isin(suspect, budget.targets)
     already = pruned_channels(model, layer)
     order = [int(c) for c in np.argsort(acts, kind="stable") if int(c) not in already]
     pruned, curve = list(already), []
     for c in order[:-1]:  # never the last channel: the layer must still pass something on
         saved = _channel_values(model, layer, c)
         zero_channels(model, layer, [c])
-        acc = accuracy(model, valid.x, valid.y, spec)
-        curve.append(round(acc, 5))
-        if 100 * (base - acc) > drop:
+        now = predict(model, valid.x, spec)
+        acc, rejected = float(np.mean(now == valid.y)), float(np.mean(watched & (now != suspect)))
+        curve.append([round(acc, 5), round(rejected, 5)])
+        over = 100 * (base - acc) > budget.drop if budget.frr is None else rejected > budget.frr
+        if over:
             _restore(saved)
             break
         pruned.append(c)
@@ -196,7 +226,7 @@ def prune_until(
         "channels_total": len(acts),
         "accuracy_before": base,
         "accuracy_pruned": accuracy(model, valid.x, valid.y, spec),
-        "accuracy_curve": curve,
+        "curve": curve,  # per channel tried: accuracy, targeted rejection rate
     }
     return pruned, record
 
@@ -207,22 +237,21 @@ def fine_prune(
     valid: Dataset,
     *,
     layer: str | None,
-    drop: float,
+    budget: Budget,
     fit_cfg: FitConfig,
     progress: Callable[[str], None] = lambda message: None,
 ) -> Pruned:
-    """A copy of ``model`` Fine-Pruned on the clean ``valid`` data: pruned by the drop rule,
-    then fine-tuned on ``valid`` with the pruned channels held at zero."""
-    if not 0 <= drop <= 100:
-        raise UserError(f"--prune-drop is in accuracy points, 0 to 100; got {drop:g}")
+    """A copy of ``model`` Fine-Pruned on the clean ``valid`` data: pruned while ``budget``
+    holds, then fine-tuned on ``valid`` with the pruned channels held at zero."""
+    budget.check()
     start = time.perf_counter()
     model = copy.deepcopy(model).eval()
     name = resolve_layer(model, spec, layer)
-    channels, record = prune_until(model, spec, name, valid, drop)
+    channels, record = prune_until(model, spec, name, valid, budget)
     total = record["channels_total"]
     progress(
-        f"fine-pruning: pruned {len(channels)} of {total} channels of {name!r} "
-        f"(validation CA {100 * record['accuracy_before']:.2f}% -> "
+        f"fine-pruning: pruned {len(channels)} of {total} channels of {name!r} with "
+        f"{budget.describe()} (validation CA {100 * record['accuracy_before']:.2f}% -> "
         f"{100 * record['accuracy_pruned']:.2f}%); fine-tuning {fit_cfg.epochs} epochs"
     )
     remove = held_at_zero(model, name, channels)
@@ -233,7 +262,7 @@ def fine_prune(
         pruned=len(channels),
         prune_ratio=len(channels) / total,
         accuracy_after=accuracy(model, valid.x, valid.y, spec),
-        drop_points=drop,
+        budget={"drop": budget.drop, "frr": budget.frr, "targets": list(budget.targets)},
         finetune=fit_cfg.to_dict(),
         seconds=time.perf_counter() - start,
     )

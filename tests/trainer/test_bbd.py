@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,15 @@ from core.nets import build_model
 from tests.helpers import Lab, make_blobs, spec_for
 from trainer.cleanse import BBDConfig
 from trainer.fineprune import (
+    Budget,
     conv_layers,
     fine_prune,
     mean_activations,
+    prune_until,
     pruned_channels,
     resolve_layer,
 )
-from trainer.loop import FitConfig
+from trainer.loop import FitConfig, predict
 from trainer.neural_cleanse import CONSISTENCY, anomaly_indices, flagged_classes
 
 SHAPE = (28, 28, 1)
@@ -36,7 +39,12 @@ def test_pruned_channels_stay_zero_through_fine_tuning_and_the_bundle(
     layer = resolve_layer(bad.model, spec, None)
     assert layer == conv_layers(bad.model, spec)[-1] == "features.3"
     pruned = fine_prune(
-        bad.model, spec, valid, layer=None, drop=4.0, fit_cfg=BBDConfig(prune_epochs=2).prune_fit()
+        bad.model,
+        spec,
+        valid,
+        layer=None,
+        budget=Budget(4.0),
+        fit_cfg=BBDConfig(prune_epochs=2).prune_fit(),
     )
     channels = pruned.channels
     assert 0 < len(channels) < 64
@@ -70,11 +78,29 @@ def test_a_batchnorm_after_the_pruned_conv_is_zeroed_too() -> None:
                 mod.bias.fill_(0.3)  # a live channel even when its conv is zero
     data = make_blobs(16, shape=(32, 32, 3), classes=4, seed=0)
     pruned = fine_prune(
-        model, spec, data, layer="features.17", drop=100.0, fit_cfg=FitConfig(epochs=1)
+        model, spec, data, layer="features.17", budget=Budget(100.0), fit_cfg=FitConfig(epochs=1)
     )
     assert len(pruned.channels) == 127  # all but one: the layer must pass something on
     acts = mean_activations(pruned.model, spec, "features.17", data.x)
     assert np.all(acts[pruned.channels] == 0)
+
+
+def test_a_targeted_twin_is_pruned_until_its_false_rejection_budget(lab: Lab) -> None:
+    bad = load_bundle(lab.badnet)
+    spec = bad.manifest.input
+    valid = make_blobs(400, shape=SHAPE, classes=4, seed=5)
+    layer = resolve_layer(bad.model, spec, None)
+    model = copy.deepcopy(bad.model)
+    budget = Budget(4.0, frr=0.02, targets=(1,))
+    channels, record = prune_until(model, spec, layer, valid, budget)
+    assert sorted(channels) == pruned_channels(model, layer) and len(channels) > 0
+    rates = [r for _, r in record["curve"]]
+    assert max(rates[: len(channels)]) <= 0.02  # every accepted step within the budget
+    if len(rates) > len(channels):  # the step that broke it was undone
+        assert rates[len(channels)] > 0.02
+    suspect = bad.predict(valid.x)
+    now = predict(model, valid.x, spec)
+    assert np.mean((suspect == 1) & (now != suspect)) <= 0.02
 
 
 @pytest.mark.parametrize(
@@ -93,7 +119,12 @@ def test_fine_pruning_refuses_bad_input(
     valid = make_blobs(64, shape=SHAPE, classes=4, seed=5)
     with pytest.raises(UserError, match=message):
         fine_prune(
-            bad.model, bad.manifest.input, valid, layer=layer, drop=drop, fit_cfg=FitConfig()
+            bad.model,
+            bad.manifest.input,
+            valid,
+            layer=layer,
+            budget=Budget(drop),
+            fit_cfg=FitConfig(),
         )
 
 
@@ -106,6 +137,8 @@ def test_a_model_without_a_convolution_is_refused() -> None:
 def test_the_bbd_settings_refuse_a_prune_amount_outside_0_to_100() -> None:
     with pytest.raises(UserError, match="--prune-drop"):
         BBDConfig(prune_drop=150).validate()
+    with pytest.raises(UserError, match="--prune-frr"):
+        BBDConfig(prune_frr=1.5).validate()
     with pytest.raises(UserError, match="--unlearn-fraction"):
         BBDConfig(unlearn_fraction=0).validate()
 

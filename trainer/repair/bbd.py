@@ -114,9 +114,9 @@ class FinePruningRepairer:
         for role in ctx.pair.roles:
             pruned = fine_prune(
                 ctx.pair.member(role).model, spec, ctx.train, layer=self.bbd.layer,
-                drop=self.bbd.prune_drop, fit_cfg=self.bbd.prune_fit(), progress=ctx.progress,
+                budget=self.bbd.budget(), fit_cfg=self.bbd.prune_fit(), progress=ctx.progress,
             )  # fmt: skip
             models[role] = pruned.model
-            records[role] = {k: v for k, v in pruned.record.items() if k != "accuracy_curve"}
+            records[role] = {k: v for k, v in pruned.record.items() if k != "curve"}
         metrics = {"fine_pruning_round": records, "config": {"bbd": self.bbd.to_dict()}}
         return Repaired(models, metrics, lambda out: {})
