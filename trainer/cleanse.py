@@ -173,8 +173,8 @@ def save_triggers(out: Path, triggers: list[Trigger]) -> str:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for t in triggers:
-        tensors[f"mask_{t.target}"] = torch.from_numpy(np.ascontiguousarray(t.mask))
-        tensors[f"pattern_{t.target}"] = torch.from_numpy(np.ascontiguousarray(t.pattern))
+        tensors[f"mask_{t.target}"] = torch.tensor(np.array(t.mask, dtype=np.float32))
+        tensors[f"pattern_{t.target}"] = torch.tensor(np.array(t.pattern, dtype=np.float32))
         reversed_trigger_figure(t.mask, t.pattern, out / f"nc_class{t.target}.png", t.target, t.l1)
     path = out / TRIGGERS_FILE
     save_file(tensors, str(path))
