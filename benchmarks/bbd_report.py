@@ -112,7 +112,8 @@ def _bbd(rows: list[dict[str, Any]], load: dict[str, Any] | None) -> list[str]:
             "",
             f"Throughput, concurrency 8, {load['requests']} clean held-out requests: "
             f"`bbd-targeted` / `nnoculation` ensemble = {load['ratio_median']:.2f}x "
-            f"(median; runs {runs}).",
+            f"(median; runs {runs}). The policies alone, in process on batches of 32: "
+            f"{load['in_process']['ratio']:.2f}x.",
         ]
     return lines
 

@@ -249,7 +249,28 @@ def throughput(
         "ratio_median": float(np.median(ratio)),
         "ratios": ratio,
         "requests": len(bodies),
+        "in_process": in_process(store, data["heldout"].x[:2000], repeats),
     }
+
+
+def in_process(store: Path, x: np.ndarray, repeats: int) -> dict[str, Any]:
+    """The policies alone on batches of 32 (no HTTP, no decoding): images/s of each stack
+    on the same pair, medians over ``repeats``, and their ratio."""
+    from core.defenses import decide_batch, with_policy
+    from core.pair import load_round_pair
+
+    sessions = session_factory(open_store(f"sqlite:///{store / 'q.db'}"))
+    with sessions() as s:
+        pairs = [with_policy(load_round_pair(s, k)) for k in (0, 1)]
+    speed: dict[str, list[float]] = {p.defense.name: [] for p in pairs}
+    for _ in range(repeats):
+        for pair in pairs:
+            start = time.perf_counter()
+            for i in range(0, len(x), 32):
+                decide_batch(pair, x[i : i + 32], pair.policy)  # type: ignore[arg-type]
+            speed[pair.defense.name].append(len(x) / (time.perf_counter() - start))
+    med = {k: float(np.median(v)) for k, v in speed.items()}
+    return {"images_per_s": med, "ratio": med["bbd-targeted"] / med["nnoculation"]}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
