@@ -28,7 +28,7 @@ from core.defenses.bbd import NO_TARGETS
 from core.pair import RoundDefense
 from trainer.cleanse import BBDConfig, save_triggers, scan, scan_record
 from trainer.data import Dataset
-from trainer.fineprune import Pruned, fine_prune
+from trainer.fineprune import Pruned, fine_prune, resolve_layer
 from trainer.loop import accuracy
 from trainer.rounds import publish_round, running_round
 from trainer.splits import GATE_FRACTION, check_validation, gate_split, split_record
@@ -88,6 +88,7 @@ def prepare_bbd_round(
     start = time.perf_counter()
     rest, gate = gate_split(valid, gate_fraction)
     m = suspect.manifest
+    resolve_layer(suspect.model, m.input, bbd.layer)  # a bad --layer fails before the scan
     params: dict[str, Any] = {"bbd": bbd.to_dict()}
     triggers: list[Any] = []
     if targeted:  # first: the targets set the twin's pruning budget

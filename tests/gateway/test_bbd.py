@@ -12,13 +12,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 
 from core.bundle import load_bundle
 from core.defenses import decide_batch
 from core.defenses.bbd import NO_TARGETS, TargetedRejectPolicy
 from core.images import encode_png
 from core.pair import ModelPair, RoundDefense
-from tests.gateway.conftest import Gateway, Lab, keeps_serving, under_load
+from core.schema import QuarantineSample
+from tests.gateway.conftest import Gateway, Lab, disagreeing_images, keeps_serving, under_load
 from tests.gateway.test_codefend import wait_for
 from tests.gateway.test_defenses import activate
 from tests.helpers import TARGET
@@ -100,3 +102,17 @@ def test_a_targeted_round_with_no_target_says_it_runs_untargeted(
     assert info["policy"] == "bbd-targeted" and info["policy_note"] == NO_TARGETS
     r = gw.client.post("/predict", content=encode_png(lab.clean[1]), headers=png)
     assert r.json()["models"]["goodnet"] is not None  # untargeted: R runs on every input
+    fresh, bad, good = disagreeing_images(lab, 8, seed=900)
+    for img in fresh:  # rejected, and quarantined like any suspect input
+        body = gw.client.post("/predict", content=encode_png(img), headers=png).json()
+        assert body["label"] is None and body["suspect"]
+    rows: list[QuarantineSample] = []
+    while time.monotonic() < deadline + 20 and len(rows) < len(fresh):
+        with gw.sessions() as s:
+            rows = list(
+                s.scalars(select(QuarantineSample).where(QuarantineSample.served_round == 1))
+            )
+        time.sleep(0.2)
+    assert len(rows) == len(fresh) and all(r.detector == "bbd-targeted" for r in rows)
+    assert sorted(r.badnet_label for r in rows) == sorted(bad.tolist())
+    assert sorted(r.goodnet_label for r in rows) == sorted(good.tolist())

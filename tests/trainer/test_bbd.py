@@ -13,7 +13,7 @@ from torch import nn
 from core.bundle import load_bundle, save_bundle
 from core.errors import UserError
 from core.nets import build_model
-from tests.helpers import Lab, make_blobs, spec_for
+from tests.helpers import Lab, call_cli, make_blobs, spec_for
 from trainer.cleanse import BBDConfig
 from trainer.fineprune import (
     Budget,
@@ -155,3 +155,59 @@ def test_the_anomaly_index_on_hand_made_norms() -> None:
     # no spread: nothing stands out; an unreached class (inf) is never flagged
     assert list(anomaly_indices([5.0, 5, 5])) == [0, 0, 0]
     assert flagged_classes([np.inf, 50, 52, 48, 51, 10]) == [5]
+
+
+def test_status_says_when_a_targeted_round_runs_untargeted() -> None:
+    from core.defenses.bbd import NO_TARGETS
+    from core.schema import RepairRound
+    from trainer.cli.rounds import _round_row
+
+    row = RepairRound(round=0, status="succeeded", samples_used=0, metrics={"note": NO_TARGETS})
+    assert _round_row(row, 0)[-1] == NO_TARGETS
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layer", "features.99"], "not a module"),
+        (["--prune-drop", "150"], "--prune-drop"),
+        (["--nc-epochs", "0"], "--nc-epochs"),
+    ],
+)
+def test_prepare_refuses_bad_bbd_input_and_registers_nothing(
+    lab: Lab, tmp_path: Path, args: list[str], message: str
+) -> None:
+    valid = make_blobs(400, shape=SHAPE, classes=4, seed=13)
+    np.savez(tmp_path / "valid.npz", x=valid.x, y=valid.y)
+    env = {"BQG_STORE": str(tmp_path / "store"), "BQG_DB": f"sqlite:///{tmp_path / 'q.db'}"}
+    r = call_cli(
+        "trainer", "prepare", "--defense", "bbd-targeted", "--model", str(lab.badnet),
+        "--valid", f"npz:{tmp_path / 'valid.npz'}", *args, env=env,
+    )  # fmt: skip
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "store" / "rounds" / "0").exists()
+    status = call_cli("trainer", "status", env=env)
+    assert "round" in status.stdout and "succeeded" not in status.stdout
+
+
+def test_prepare_refuses_a_model_with_no_convolution(tmp_path: Path) -> None:
+    from tests.plugins.linear_net import LinearNet
+
+    spec = spec_for(SHAPE)
+    save_bundle(
+        LinearNet(num_classes=4), tmp_path / "linear", arch="tests.plugins.linear_net:LinearNet",
+        arch_kwargs={"num_classes": 4}, class_names=list("abcd"), input_spec=spec,
+    )  # fmt: skip
+    valid = make_blobs(400, shape=SHAPE, classes=4, seed=13)
+    np.savez(tmp_path / "valid.npz", x=valid.x, y=valid.y)
+    env = {
+        "BQG_STORE": str(tmp_path / "store"),
+        "BQG_DB": f"sqlite:///{tmp_path / 'q.db'}",
+        "BQG_TRUSTED_ARCH_MODULES": '["tests.plugins.linear_net"]',
+    }
+    r = call_cli(
+        "trainer", "prepare", "--defense", "bbd-untargeted", "--model", str(tmp_path / "linear"),
+        "--valid", f"npz:{tmp_path / 'valid.npz'}", env=env,
+    )  # fmt: skip
+    assert r.returncode == 2 and "runs no 2-D convolution" in r.stderr, r.stderr
+    assert not (tmp_path / "store" / "rounds" / "0").exists()
