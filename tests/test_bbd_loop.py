@@ -49,7 +49,7 @@ def test_scan_flags_nothing_on_a_clean_model_and_writes_what_it_found(
     out = tmp_path / "scan"
     r = call_cli(
         "trainer", "scan", "--model", str(lab8 / "clean"), "--valid",
-        f"npz:{lab8 / 'valid.npz'}", "--out", str(out), "--epochs", "20", "--parallel",
+        f"npz:{lab8 / 'valid.npz'}", "--out", str(out), "--nc-epochs", "20", "--parallel",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "flagged: none" in r.stdout and "anomaly index" in r.stdout

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.bundle import Bundle, save_bundle
@@ -29,7 +30,7 @@ from core.pair import RoundDefense
 from trainer.cleanse import BBDConfig, save_triggers, scan, scan_record
 from trainer.data import Dataset
 from trainer.fineprune import Pruned, fine_prune, resolve_layer
-from trainer.loop import accuracy
+from trainer.loop import predict
 from trainer.rounds import publish_round, running_round
 from trainer.splits import GATE_FRACTION, check_validation, gate_split, split_record
 
@@ -58,7 +59,7 @@ def neural_cleanse(
     suspect: Bundle, data: Dataset, cfg: BBDConfig, parallel: bool, progress: Progress
 ) -> tuple[list[Any], dict[str, Any]]:
     """Every class's reversed trigger for ``suspect`` and the anomaly table."""
-    clean = data.x[: cfg.nc_images]
+    clean = cfg.search_images(data)
     classes = list(range(suspect.manifest.num_classes))
     m = suspect.manifest
     triggers = scan(
@@ -99,28 +100,23 @@ def prepare_bbd_round(
         fit_cfg=bbd.prune_fit(), progress=progress,
     )  # fmt: skip
     params["fine_pruning"] = _public(pruned.record)
-    report = {
-        **params,
-        "gate_images": len(gate),
-        "clean_accuracy_badnet": accuracy(suspect.model, gate.x, gate.y, m.input),
-        "clean_accuracy_goodnet": accuracy(pruned.model, gate.x, gate.y, m.input),
-        "seconds": time.perf_counter() - start,
-    }
+    report = {**params, **_gate_report(suspect, pruned, gate, params.get("targets"))}
+    report["seconds"] = time.perf_counter() - start
     if targeted and not params["targets"]:
         report["note"] = NO_TARGETS
         progress(NO_TARGETS)
+    meta = {
+        "round": 0,
+        "created_by": "trainer prepare",
+        "created_at": datetime.now(UTC).isoformat(),
+        "metrics": {"clean_accuracy_gate": report["clean_accuracy_goodnet"]},
+        "gate_split": split_record(gate, gate_fraction),
+    }
 
     def write(out: Path) -> None:
         shutil.copytree(suspect_dir, out / "badnet")
-        meta = {
-            "round": 0,
-            "created_by": "trainer prepare",
-            "created_at": datetime.now(UTC).isoformat(),
-            "metrics": {"clean_accuracy_gate": report["clean_accuracy_goodnet"]},
-            "gate_split": split_record(gate, gate_fraction),
-        }
         save_twin(out / "goodnet", suspect, pruned, meta)
-        if triggers:
+        if triggers:  # written before round.json, so the manifest records the digest
             params["triggers_sha256"] = save_triggers(out, triggers)
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
@@ -135,6 +131,23 @@ def prepare_bbd_round(
             defense=RoundDefense(defense, params),
         )
     return report, path
+
+
+def _gate_report(
+    suspect: Bundle, pruned: Pruned, gate: Dataset, targets: list[int] | None
+) -> dict[str, Any]:
+    """The gate split, which neither the scan nor the pruning saw: each member's accuracy,
+    and the rule's false rejections there (targeted: the suspect answers a target and R
+    disputes it; untargeted: any disagreement)."""
+    spec = suspect.manifest.input
+    bad, twin = predict(suspect.model, gate.x, spec), predict(pruned.model, gate.x, spec)
+    watched = np.isin(bad, targets) if targets else np.ones(len(bad), dtype=bool)
+    return {
+        "gate_images": len(gate),
+        "clean_accuracy_badnet": float(np.mean(bad == gate.y)) if len(gate) else None,
+        "clean_accuracy_goodnet": float(np.mean(twin == gate.y)) if len(gate) else None,
+        "gate_frr": float(np.mean(watched & (twin != bad))) if len(gate) else None,
+    }
 
 
 def _public(record: dict[str, Any]) -> dict[str, Any]:

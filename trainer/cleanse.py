@@ -23,7 +23,13 @@ from torch import nn
 from core.bundle import InputSpec
 from core.errors import BundleError, UserError
 from trainer.data import Dataset
-from trainer.fineprune import Budget, held_at_zero, pruned_channels, resolve_layer
+from trainer.fineprune import (
+    Budget,
+    conv_layers,
+    held_at_zero,
+    pruned_channels,
+    resolve_layer,
+)
 from trainer.loop import FitConfig, fit
 from trainer.neural_cleanse import (
     CleanseConfig,
@@ -68,12 +74,8 @@ class BBDConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        Budget(self.prune_drop, self.prune_frr).check()  # the pruning limits' own checks
         checks = [
-            (
-                0 <= self.prune_drop <= 100,
-                f"--prune-drop is in points, 0 to 100: {self.prune_drop:g}",
-            ),
-            (0 <= self.prune_frr < 1, f"--prune-frr is a rate in [0, 1): {self.prune_frr:g}"),
             (self.prune_epochs >= 0, "--prune-epochs must be 0 or more"),
             (
                 self.nc_epochs >= 1 and self.nc_images >= 1,
@@ -86,6 +88,12 @@ class BBDConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+    def search_images(self, data: Dataset) -> np.ndarray:
+        """``nc_images`` clean images drawn at random (seeded): data may come sorted by
+        class, and a search on a few classes' images would favour those classes."""
+        order = np.random.default_rng(self.seed).permutation(len(data))
+        return data.x[np.sort(order[: self.nc_images])]
 
     def cleanse(self) -> CleanseConfig:
         return CleanseConfig(epochs=self.nc_epochs, seed=self.seed)
@@ -165,9 +173,9 @@ def scan_record(triggers: list[Trigger], threshold: float) -> dict[str, Any]:
     }
 
 
-def save_triggers(out: Path, triggers: list[Trigger]) -> str:
-    """Masks and patterns as safetensors (``mask_<t>``, ``pattern_<t>``) and one PNG per
-    class; returns the safetensors file's sha256, recorded in the round's manifest."""
+def save_triggers(out: Path, triggers: list[Trigger], name: str = TRIGGERS_FILE) -> str:
+    """Masks and patterns as safetensors (``mask_<t>``, ``pattern_<t>``) in ``name`` and one
+    PNG per class; returns the safetensors file's sha256, recorded with the round."""
     from trainer.report import reversed_trigger_figure
 
     out.mkdir(parents=True, exist_ok=True)
@@ -176,7 +184,7 @@ def save_triggers(out: Path, triggers: list[Trigger]) -> str:
         tensors[f"mask_{t.target}"] = torch.tensor(np.array(t.mask, dtype=np.float32))
         tensors[f"pattern_{t.target}"] = torch.tensor(np.array(t.pattern, dtype=np.float32))
         reversed_trigger_figure(t.mask, t.pattern, out / f"nc_class{t.target}.png", t.target, t.l1)
-    path = out / TRIGGERS_FILE
+    path = out / name
     save_file(tensors, str(path))
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -200,19 +208,21 @@ def load_triggers(directory: Path, sha256: str, targets: list[int]) -> list[Trig
 def unlearn(
     model: nn.Module, spec: InputSpec, clean: Dataset, triggers: list[Trigger], cfg: BBDConfig
 ) -> nn.Module:
-    """A copy of ``model`` fine-tuned on ``clean`` plus, per trigger, ``unlearn_fraction``
-    of it stamped with that trigger at its true label (Wang et al. §V-C); channels that
+    """A copy of ``model`` fine-tuned on ``clean`` with ``unlearn_fraction`` of it stamped by
+    each trigger (disjoint parts) and kept at its true label (Wang et al. §V-C); channels
     Fine-Pruning zeroed stay at zero (``pruned_channels``)."""
-    rng = np.random.default_rng(cfg.seed)
-    xs, ys = [clean.x], [clean.y]
-    for t in triggers:
-        idx = rng.permutation(len(clean))[: max(1, round(cfg.unlearn_fraction * len(clean)))]
-        xs.append(t.stamp(clean.x[idx]))
-        ys.append(clean.y[idx])
+    x = clean.x.copy()
+    order = np.random.default_rng(cfg.seed).permutation(len(clean))
+    k = max(1, round(cfg.unlearn_fraction * len(clean)))
+    for i, t in enumerate(triggers):
+        part = order[i * k : (i + 1) * k]  # fewer (or none) once the data runs out
+        x[part] = t.stamp(clean.x[part])
     model = copy.deepcopy(model)
-    layer = resolve_layer(model, spec, cfg.layer)
-    remove = held_at_zero(model, layer, pruned_channels(model, layer))
+    convs = conv_layers(model, spec)
+    layer = resolve_layer(model, spec, cfg.layer) if convs else None
+    remove = held_at_zero(model, layer, pruned_channels(model, layer)) if layer else None
     fit_cfg = FitConfig(epochs=cfg.unlearn_epochs, lr=cfg.unlearn_lr, batch_size=32, seed=cfg.seed)
-    fit(model, np.concatenate(xs), np.concatenate(ys), spec, fit_cfg, progress=False)
-    remove()
+    fit(model, x, clean.y, spec, fit_cfg, progress=False)
+    if remove is not None:
+        remove()
     return model.eval()

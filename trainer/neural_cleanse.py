@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -63,6 +64,22 @@ class Trigger:
         return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode with no parameter gradients; its flags are restored after."""
+    flags = [p.requires_grad for p in model.parameters()]
+    training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+        model.train(training)
+
+
 def _normaliser(spec: InputSpec) -> Callable[[torch.Tensor], torch.Tensor]:
     """[0, 1] NHWC pixels -> the model's NCHW input (``InputSpec.to_tensor`` on floats)."""
     mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
@@ -84,32 +101,27 @@ def reverse_trigger(
     norm = _normaliser(spec)
     images = torch.from_numpy(x.astype(np.float32) / 255.0)
     labels = torch.full((cfg.batch_size,), target, dtype=torch.int64)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     state = _Schedule(cfg)
-    for _ in range(cfg.epochs):
-        state.epochs += 1
-        hits, seen = 0, 0
-        for _ in range(cfg.steps):
-            batch = images[torch.randint(len(images), (cfg.batch_size,), generator=gen)]
-            mask = torch.tanh(mask_p) / 2 + 0.5
-            pattern = torch.tanh(pattern_p) / 2 + 0.5
-            logits = model(norm((1 - mask) * batch + mask * pattern))
-            ce = nn.functional.cross_entropy(logits, labels[: len(batch)])
-            loss = ce + state.cost * mask.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            hits += int((logits.argmax(1) == target).sum())
-            seen += len(batch)
-        with torch.no_grad():
-            mask = torch.tanh(mask_p) / 2 + 0.5
-            pattern = torch.tanh(pattern_p) / 2 + 0.5
-        if state.step(hits / seen, float(mask.sum()), mask, pattern):
-            break
-    for p in model.parameters():
-        p.requires_grad_(True)
+    with _frozen(model):
+        for _ in range(cfg.epochs):
+            state.epochs += 1
+            hits = 0
+            for _ in range(cfg.steps):
+                batch = images[torch.randint(len(images), (cfg.batch_size,), generator=gen)]
+                mask = torch.tanh(mask_p) / 2 + 0.5
+                pattern = torch.tanh(pattern_p) / 2 + 0.5
+                logits = model(norm((1 - mask) * batch + mask * pattern))
+                ce = nn.functional.cross_entropy(logits, labels)
+                opt.zero_grad(set_to_none=True)
+                (ce + state.cost * mask.sum()).backward()
+                opt.step()
+                hits += int((logits.argmax(1) == target).sum())
+            with torch.no_grad():
+                mask = torch.tanh(mask_p) / 2 + 0.5
+                pattern = torch.tanh(pattern_p) / 2 + 0.5
+            success = hits / (cfg.steps * cfg.batch_size)
+            if state.step(success, float(mask.sum()), mask, pattern):
+                break
     best_mask, best_pattern = state.best_or(mask, pattern)
     return Trigger(
         target,

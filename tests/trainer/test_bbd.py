@@ -211,3 +211,57 @@ def test_prepare_refuses_a_model_with_no_convolution(tmp_path: Path) -> None:
     )  # fmt: skip
     assert r.returncode == 2 and "runs no 2-D convolution" in r.stderr, r.stderr
     assert not (tmp_path / "store" / "rounds" / "0").exists()
+
+
+def test_lambda_follows_the_original_schedule() -> None:
+    from trainer.neural_cleanse import CleanseConfig, _Schedule
+
+    state = _Schedule(CleanseConfig(patience=2, init_cost=1e-3))
+    mask, pattern = torch.ones(2, 2, 1), torch.zeros(2, 2, 1)
+    for _ in range(2):  # lambda stays 0 until the attack succeeds `patience` epochs running
+        assert state.cost == 0 and not state.step(1.0, 10.0, mask, pattern)
+    assert state.cost == 1e-3 and state.best_l1 == 10.0
+    state.step(1.0, 9.0, mask, pattern)
+    state.step(1.0, 9.5, mask, pattern)  # two successes: doubled; the smaller mask is kept
+    assert state.cost == 2e-3 and state.best_l1 == 9.0
+    state.step(0.5, 3.0, mask, pattern)
+    state.step(0.5, 3.0, mask, pattern)  # two failures: divided by 2^1.5; not kept
+    assert state.cost == pytest.approx(2e-3 / 2**1.5) and state.best_l1 == 9.0
+    stopped = [state.step(0.5, 3.0, mask, pattern) for _ in range(10)]
+    assert stopped.index(True) == 6  # the 10th (5 x patience) epoch since the mask of 9.0
+
+
+def test_a_colour_search_stamps_and_the_files_round_trip(tmp_path: Path) -> None:
+    from core.errors import BundleError
+    from trainer.cleanse import load_triggers, save_triggers
+    from trainer.neural_cleanse import CleanseConfig, reverse_trigger
+
+    shape = (32, 32, 3)
+    model = build_model(
+        "color-cnn", {"in_channels": 3, "num_classes": 4, "height": 32, "width": 32}
+    )
+    data = make_blobs(64, shape=shape, classes=4, seed=0)
+    found = reverse_trigger(model, spec_for(shape), data.x, 2, CleanseConfig(epochs=2, steps=2))
+    assert found.mask.shape == (32, 32) and found.pattern.shape == (32, 32, 3)
+    assert found.mask.min() >= 0 and found.mask.max() <= 1 and found.epochs == 2
+    stamped = found.stamp(data.x[:5])
+    assert stamped.shape == (5, 32, 32, 3) and stamped.dtype == np.uint8
+    assert all(p.requires_grad for p in model.parameters())  # the search froze a copy's flags only
+    sha = save_triggers(tmp_path, [found])
+    (again,) = load_triggers(tmp_path, sha, [2])
+    assert np.array_equal(again.mask, found.mask) and (tmp_path / "nc_class2.png").is_file()
+    with pytest.raises(BundleError, match="does not match"):
+        load_triggers(tmp_path, "0" * 64, [2])
+
+
+def test_repairers_read_the_rounds_settings_strictly() -> None:
+    from core.pair import ModelPair, RoundDefense
+    from trainer.repair.bbd import bbd_config, majority_label
+
+    for bad in ({"bbd": {"prune_drop": "x"}}, {"bbd": {"nope": 1}}, {"bbd": {"prune_drop": 500}}):
+        p = ModelPair.__new__(ModelPair)  # bbd_config reads only .round and .defense
+        object.__setattr__(p, "round", 3)
+        object.__setattr__(p, "defense", RoundDefense("bbd-targeted", bad))
+        with pytest.raises(UserError, match="round 3"):
+            bbd_config(p)
+    assert majority_label(np.array([2, 1, 2, 1, 0])) == 1 and majority_label(np.array([])) is None

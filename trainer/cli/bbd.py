@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +14,7 @@ from core.bundle import load_bundle
 from trainer.cleanse import BBDConfig, save_triggers
 from trainer.cli.common import _load, _settings, app, err_console, out_console
 from trainer.grid import start_local_ray
+from trainer.options import config_options
 from trainer.splits import check_validation
 
 ParallelOpt = Annotated[
@@ -77,12 +79,18 @@ def run_bbd_step(
     if "neural_cleanse" in report:
         out_console.print(anomaly_table(report["neural_cleanse"]))
     targets = report.get("targets")
+    gate = (
+        f"; on the {report['gate_images']} gate images: badnet CA "
+        f"{100 * report['clean_accuracy_badnet']:.2f}%, R CA "
+        f"{100 * report['clean_accuracy_goodnet']:.2f}%, the rule's FRR "
+        f"{100 * report['gate_frr']:.2f}%"
+        if report["gate_images"]
+        else ""
+    )
     out_console.print(
         f"round 0 ({common['defense']}) is active: R pruned {fp['pruned']} of "
-        f"{fp['channels_total']} channels of {fp['layer']!r} ({100 * fp['prune_ratio']:.0f}%); "
-        f"on the {report['gate_images']} gate images: badnet CA "
-        f"{100 * report['clean_accuracy_badnet']:.2f}%, R CA "
-        f"{100 * report['clean_accuracy_goodnet']:.2f}%"
+        f"{fp['channels_total']} channels of {fp['layer']!r} ({100 * fp['prune_ratio']:.0f}%)"
+        + gate
         + ("" if targets is None else f"; targets {targets or 'none'}")
         + f"; bundles and report in {path}"
     )
@@ -91,6 +99,7 @@ def run_bbd_step(
 
 
 @app.command("scan")
+@config_options(BBDConfig, skip=[f.name for f in fields(BBDConfig) if not f.name.startswith("nc_")])
 def scan_cmd(
     model: Annotated[Path, typer.Option(help="The bundle to scan (possibly a BadNet).")],
     valid: Annotated[
@@ -100,16 +109,8 @@ def scan_cmd(
         Path | None,
         typer.Option(help="Where the masks and patterns go. Default: nc-scan/<model's name>."),
     ] = None,
-    epochs: Annotated[
-        int, typer.Option(min=1, help="Most epochs per class (the search stops early).")
-    ] = BBDConfig.nc_epochs,
-    images: Annotated[int, typer.Option(min=1, help="Clean images to draw from.")] = (
-        BBDConfig.nc_images
-    ),
-    threshold: Annotated[
-        float, typer.Option(help="Flag a small-trigger class above this anomaly index.")
-    ] = BBDConfig.nc_threshold,
     parallel: ParallelOpt = None,
+    overrides: dict[str, Any] | None = None,
 ) -> None:
     """Neural Cleanse on every class of a bundle: print the anomaly table and write each
     class's reversed mask and pattern (PNG and safetensors). Registers nothing."""
@@ -119,7 +120,7 @@ def scan_cmd(
     bundle = load_bundle(model, trusted_modules=settings.trusted_arch_modules)
     data = _load(valid, settings, "valid")
     check_validation(bundle, data)
-    cfg = BBDConfig(nc_epochs=epochs, nc_images=images, nc_threshold=threshold)
+    cfg = BBDConfig(**(overrides or {}))
     cfg.validate()
     target = out or Path("nc-scan") / model.resolve().name
     triggers, record = neural_cleanse(

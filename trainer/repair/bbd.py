@@ -26,6 +26,8 @@ from trainer.fineprune import fine_prune
 from trainer.repair.base import Repaired, RoundContext
 from trainer.repair.config import RepairConfig
 
+REPAIR_TRIGGERS = "nc_repair_triggers.safetensors"  # a repair round's reversed triggers
+
 
 def bbd_config(pair: ModelPair) -> BBDConfig:
     """The round's BBD settings from its manifest (defaults for fields it lacks)."""
@@ -33,8 +35,11 @@ def bbd_config(pair: ModelPair) -> BBDConfig:
     known = {f.name for f in fields(BBDConfig)}
     if not isinstance(given, dict) or set(given) - known:
         raise UserError(f"round {pair.round}'s manifest has unreadable 'bbd' settings")
-    cfg = BBDConfig(**given)
-    cfg.validate()
+    try:
+        cfg = BBDConfig(**given)
+        cfg.validate()
+    except (TypeError, ValueError, UserError) as exc:  # a wrong type or value
+        raise UserError(f"round {pair.round}'s 'bbd' settings are invalid: {exc}") from None
     return cfg
 
 
@@ -75,7 +80,7 @@ class NeuralCleanseRepairer:
         )
         badnet = ctx.pair.badnet.model
         triggers = scan(
-            badnet, spec, ctx.train.x[: self.bbd.nc_images], targets, self.bbd.cleanse(),
+            badnet, spec, self.bbd.search_images(ctx.train), targets, self.bbd.cleanse(),
             parallel=_ray_running(), progress=ctx.progress,
         )  # fmt: skip
         models = {}
@@ -86,20 +91,24 @@ class NeuralCleanseRepairer:
             "neural_cleanse_round": {
                 "seed_label": seed,
                 "targets": targets,
-                "l1": [round(t.l1, 3) for t in triggers],
+                "l1": [round(t.l1, 3) if np.isfinite(t.l1) else None for t in triggers],
                 "success": [round(t.success, 4) for t in triggers],
             },
             "config": {"bbd": self.bbd.to_dict(), **ctx.cfg.to_dict()},
         }
 
         def write(out: Path) -> dict[str, Any]:
-            return {"nc_triggers_sha256": save_triggers(out, triggers)}
+            # its own file: the manifest's triggers_sha256 stays round 0's
+            return {"nc_triggers_sha256": save_triggers(out, triggers, REPAIR_TRIGGERS)}
 
         return Repaired(models, metrics, write)
 
 
 class FinePruningRepairer:
-    """Fine-Pruning again, of every member; built per round."""
+    """Fine-Pruning again, of R alone: the suspect stays as it is, so the two keep
+    disagreeing on the trigger. It reads no quarantined image (Fine-Pruning needs only
+    clean data); a round of it deepens R's pruning by another ``prune_drop`` points of
+    R's own accuracy. Built per round."""
 
     def __init__(self, cfg: RepairConfig) -> None:
         self.cfg = cfg
@@ -107,16 +116,16 @@ class FinePruningRepairer:
 
     def check(self, pair: ModelPair, sessions: sessionmaker[Session]) -> None:
         self.bbd = bbd_config(pair)
+        if pair.goodnet is None:
+            raise UserError(f"round {pair.round} has no twin R to Fine-Prune")
 
     def repair(self, ctx: RoundContext) -> Repaired:
         spec = ctx.pair.badnet.manifest.input
-        models, records = {}, {}
-        for role in ctx.pair.roles:
-            pruned = fine_prune(
-                ctx.pair.member(role).model, spec, ctx.train, layer=self.bbd.layer,
-                budget=self.bbd.budget(), fit_cfg=self.bbd.prune_fit(), progress=ctx.progress,
-            )  # fmt: skip
-            models[role] = pruned.model
-            records[role] = {k: v for k, v in pruned.record.items() if k != "curve"}
-        metrics = {"fine_pruning_round": records, "config": {"bbd": self.bbd.to_dict()}}
+        pruned = fine_prune(
+            ctx.pair.member("goodnet").model, spec, ctx.train, layer=self.bbd.layer,
+            budget=self.bbd.budget(), fit_cfg=self.bbd.prune_fit(), progress=ctx.progress,
+        )  # fmt: skip
+        models = {"badnet": ctx.pair.badnet.model, "goodnet": pruned.model}
+        record = {k: v for k, v in pruned.record.items() if k != "curve"}
+        metrics = {"fine_pruning_round": record, "config": {"bbd": self.bbd.to_dict()}}
         return Repaired(models, metrics, lambda out: {})
