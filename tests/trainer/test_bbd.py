@@ -265,3 +265,31 @@ def test_repairers_read_the_rounds_settings_strictly() -> None:
         with pytest.raises(UserError, match="round 3"):
             bbd_config(p)
     assert majority_label(np.array([2, 1, 2, 1, 0])) == 1 and majority_label(np.array([])) is None
+
+
+def test_an_untargeted_round_is_fine_pruned_again_on_repair(lab: Lab, tmp_path: Path) -> None:
+    from core.db import open_store, session_factory
+    from tests.helpers import TINY_REPAIR, quarantine_lab
+    from trainer.bbd import prepare_bbd_round
+    from trainer.repair.runner import run_repair_round
+
+    sessions = session_factory(open_store(f"sqlite:///{tmp_path / 'q.db'}"))
+    valid = make_blobs(400, shape=SHAPE, classes=4, seed=21)
+    report, round0 = prepare_bbd_round(
+        defense="bbd-untargeted", suspect_dir=lab.badnet, suspect=load_bundle(lab.badnet),
+        valid=valid, bbd=BBDConfig(prune_epochs=1), sessions=sessions, store=tmp_path,
+        targeted=False,
+    )  # fmt: skip
+    assert "targets" not in report and report["gate_frr"] is not None
+    layer = report["fine_pruning"]["layer"]
+    before = pruned_channels(load_bundle(round0 / "goodnet").model, layer)
+    quarantine_lab(sessions, lab, 20)
+    outcome = run_repair_round(
+        sessions=sessions, store=tmp_path, round_no=1, valid=valid, cfg=TINY_REPAIR
+    )
+    assert outcome.status == "succeeded" and outcome.path is not None
+    assert outcome.metrics["fine_pruning_round"]["pruned"] >= len(before)
+    after = pruned_channels(load_bundle(outcome.path / "goodnet").model, layer)
+    assert set(after) >= set(before)
+    suspect = load_bundle(outcome.path / "badnet").manifest.weights_sha256
+    assert suspect == load_bundle(lab.badnet).manifest.weights_sha256  # the suspect stays
