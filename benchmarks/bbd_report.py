@@ -15,12 +15,16 @@ MISSES = {
     "all-to-all": "every class is a target (y -> y+1), so no class's trigger is an outlier",
     "warp": "a global warp is no small patch: its mask L1 is not small",
     "filter": "a global colour filter touches every pixel: a large-norm trigger",
+    "multi-target": "three targets at once pull the median and the MAD toward small L1s",
+    "combo": "it fires only with both patches, while covers taught the model to ignore "
+    "either alone, so no small single mask reaches it",
 }
 
 
 def found(row: dict[str, Any]) -> bool:
-    """Whether Neural Cleanse flagged one of the attack's true targets."""
-    return bool(set(row["targets"]) & set(row["true_target"]))
+    """Whether Neural Cleanse flagged every one of the attack's true targets (one class of
+    an all-to-all attack's ten is not its target found)."""
+    return bool(row["targets"]) and set(row["true_target"]) <= set(row["targets"])
 
 
 def checks(data: dict[str, Any]) -> dict[str, bool]:
@@ -79,7 +83,11 @@ def _neural_cleanse(rows: list[dict[str, Any]]) -> list[str]:
         )
     hits = sum(found(r) for r in rows)
     lines += ["", f"Ours: the right target for {hits} of {len(rows)} BadNets; {NC_PAPER}."]
-    lines += [f"- {k}: {why}." for k, why in MISSES.items()]
+    lines += [
+        f"- {k}: {why}."
+        for k, why in MISSES.items()
+        if not any(r["attack"] == k and found(r) for r in rows)
+    ]
     return lines
 
 
