@@ -19,6 +19,7 @@ from core.defenses import decide_batch
 from core.defenses.bbd import NO_TARGETS, TargetedRejectPolicy
 from core.images import encode_png
 from core.pair import ModelPair, RoundDefense
+from core.quarantine import pixel_sha256
 from core.schema import QuarantineSample
 from tests.gateway.conftest import Gateway, Lab, disagreeing_images, keeps_serving, under_load
 from tests.gateway.test_codefend import wait_for
@@ -110,7 +111,12 @@ def test_a_targeted_round_with_no_target_says_it_runs_untargeted(
     while time.monotonic() < deadline + 20 and len(rows) < len(fresh):
         with gw.sessions() as s:
             rows = list(
-                s.scalars(select(QuarantineSample).where(QuarantineSample.served_round == 1))
+                s.scalars(
+                    select(QuarantineSample).where(
+                        QuarantineSample.served_round == 1,
+                        QuarantineSample.pixel_sha256.in_([pixel_sha256(i) for i in fresh]),
+                    )
+                )
             )
         time.sleep(0.2)
     assert len(rows) == len(fresh) and all(r.detector == "bbd-targeted" for r in rows)

@@ -19,6 +19,7 @@ from core.defenses import decide_batch
 from core.defenses.strip import StripPolicy
 from core.images import encode_png
 from core.pair import ModelPair, RoundDefense
+from core.quarantine import pixel_sha256
 from core.schema import QuarantineSample
 from core.strip import StripParams
 from tests.gateway.conftest import Gateway, Lab, disagreeing_images, keeps_serving, under_load
@@ -101,18 +102,25 @@ def _check_rows(gw: Gateway, lab: Lab, strip: StripParams) -> None:
     activate(gw, 1)
     fresh = disagreeing_images(lab, 8, seed=900)[0]
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        r = gw.client.post("/predict", content=encode_png(fresh[0]), headers=PNG)
+    while time.monotonic() < deadline:  # wait with a clean image: a fresh one sent to
+        # round 0 would be quarantined there, and its round-1 answer merge into that row
+        r = gw.client.post("/predict", content=encode_png(lab.clean[0]), headers=PNG)
         if r.json()["round"] == 1:
             break
         time.sleep(0.2)
+    hashes = [pixel_sha256(img) for img in fresh]
     for img in fresh:
         assert gw.client.post("/predict", content=encode_png(img), headers=PNG).json()["suspect"]
     rows: list[QuarantineSample] = []
     while time.monotonic() < deadline + 20 and len(rows) < len(fresh):
         with gw.sessions() as s:
             rows = list(
-                s.scalars(select(QuarantineSample).where(QuarantineSample.served_round == 1))
+                s.scalars(
+                    select(QuarantineSample).where(
+                        QuarantineSample.served_round == 1,
+                        QuarantineSample.pixel_sha256.in_(hashes),
+                    )
+                )
             )
         time.sleep(0.2)
     assert len(rows) == len(fresh), "round 1's quarantine rows did not arrive"
