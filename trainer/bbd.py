@@ -31,14 +31,15 @@ from trainer.cleanse import BBDConfig, save_triggers, scan, scan_record
 from trainer.data import Dataset
 from trainer.fineprune import Pruned, fine_prune, resolve_layer
 from trainer.loop import predict
-from trainer.rounds import publish_round, running_round
+from trainer.rounds import publish_round_zero
 from trainer.splits import GATE_FRACTION, check_validation, gate_split, split_record
 
 Progress = Callable[[str], None]
 
 
 def pruned_meta(pruned: Pruned) -> dict[str, Any]:
-    """What R's bundle records of its pruning, so later fine-tuning keeps the zeros."""
+    """What R's bundle records of its pruning, for a person: later fine-tuning keeps the
+    zeros by finding them in the weights (``fineprune.pruned_channels``), not from here."""
     return {"layer": pruned.layer, "channels": pruned.channels}
 
 
@@ -120,17 +121,10 @@ def prepare_bbd_round(
             params["triggers_sha256"] = save_triggers(out, triggers)
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    with running_round(sessions, 0):
-        path = publish_round(
-            sessions=sessions,
-            store=store,
-            round_no=0,
-            write=write,
-            metrics={k: v for k, v in report.items() if k != "bbd"},
-            activated_by="trainer prepare",
-            defense=RoundDefense(defense, params),
-        )
-    return report, path
+    metrics = {k: v for k, v in report.items() if k != "bbd"}
+    return report, publish_round_zero(
+        sessions, store, write, metrics, RoundDefense(defense, params)
+    )
 
 
 def _gate_report(

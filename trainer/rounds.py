@@ -139,6 +139,27 @@ def publish_round(
     return final
 
 
+def publish_round_zero(
+    sessions: sessionmaker[Session],
+    store: Path,
+    write: Callable[[Path], None],
+    metrics: dict[str, Any],
+    defense: RoundDefense,
+) -> Path:
+    """A pre-deployment step's round 0: opened, published and activated by 'trainer
+    prepare' (a failure marks it failed)."""
+    with running_round(sessions, 0):
+        return publish_round(
+            sessions=sessions,
+            store=store,
+            round_no=0,
+            write=write,
+            metrics=metrics,
+            activated_by="trainer prepare",
+            defense=defense,
+        )
+
+
 def _registered(sessions: sessionmaker[Session], round_no: int) -> bool:
     """Whether the store registers models for ``round_no``; True when it cannot say, since
     an orphan directory costs disk and a deleted registered one costs a round."""

@@ -28,7 +28,7 @@ from core.pair import RoundDefense
 from core.strip import MODES, STAGES, StripParams
 from trainer.data import Dataset
 from trainer.options import option_field
-from trainer.rounds import publish_round, running_round
+from trainer.rounds import publish_round_zero
 from trainer.splits import GATE_FRACTION, check_validation, gate_split
 
 MIN_TAIL = 5  # clean fit images expected at or below sigma; fewer leave the FRR unmeasured
@@ -169,14 +169,5 @@ def prepare_strip_round(
         shutil.copytree(suspect_dir, out / "badnet")
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    with running_round(sessions, 0):
-        path = publish_round(
-            sessions=sessions,
-            store=store,
-            round_no=0,
-            write=write,
-            metrics={k: v for k, v in report.items() if k != "config"},
-            activated_by="trainer prepare",
-            defense=manifest,
-        )
-    return report, path
+    metrics = {k: v for k, v in report.items() if k != "config"}
+    return report, publish_round_zero(sessions, store, write, metrics, manifest)

@@ -12,8 +12,7 @@ from rich.table import Table
 
 from core.bundle import load_bundle
 from trainer.cleanse import BBDConfig, save_triggers
-from trainer.cli.common import _load, _settings, app, err_console, out_console
-from trainer.grid import start_local_ray
+from trainer.cli.common import _load, _settings, app, err_console, out_console, use_ray
 from trainer.options import config_options
 from trainer.splits import check_validation
 
@@ -26,16 +25,7 @@ ParallelOpt = Annotated[
 ]
 
 
-def use_ray(parallel: bool | None, threads: int) -> bool:
-    """Whether to run Neural Cleanse's classes as Ray tasks, saying so when Ray won't start."""
-    wanted = parallel if parallel is not None else threads > 1
-    if wanted and not start_local_ray(threads):
-        err_console.print("Ray could not start here; searching the classes in sequence")
-        return False
-    return wanted
-
-
-def anomaly_table(record: dict[str, Any], truth: int | None = None) -> Table:
+def anomaly_table(record: dict[str, Any]) -> Table:
     """Neural Cleanse's table: per class the mask L1, success and anomaly index; flagged
     classes (small L1, index above the threshold) are starred."""
     table = Table(
@@ -72,7 +62,7 @@ def run_bbd_step(
         sessions=sessions,
         store=settings.store,
         gate_fraction=gate_fraction,
-        parallel=use_ray(parallel, settings.threads),
+        parallel=use_ray(parallel, settings.threads, "classes"),
         progress=lambda message: err_console.print(message, markup=False, highlight=False),
     )
     fp = report["fine_pruning"]
@@ -127,7 +117,7 @@ def scan_cmd(
         bundle,
         data,
         cfg,
-        use_ray(parallel, settings.threads),
+        use_ray(parallel, settings.threads, "classes"),
         lambda message: err_console.print(message, markup=False, highlight=False),
     )
     save_triggers(target, triggers)

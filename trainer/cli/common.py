@@ -16,6 +16,7 @@ from core.defenses import load_defense_modules
 from core.errors import UserError
 from core.settings import Settings, load_settings
 from trainer.data import Dataset, load_data
+from trainer.grid import start_local_ray
 from trainer.loop import set_threads
 
 app = typer.Typer(
@@ -113,3 +114,14 @@ def getpass_user() -> str:
         return getpass.getuser()
     except Exception:
         return "operator"
+
+
+def use_ray(parallel: bool | None, threads: int, what: str) -> bool:
+    """Whether to run ``what`` (the grid's candidates, Neural Cleanse's classes) as Ray
+    tasks: as asked, else when there are 2+ threads; False, said on stderr, when Ray
+    will not start here."""
+    wanted = parallel if parallel is not None else threads > 1
+    if wanted and not start_local_ray(threads):
+        err_console.print(f"Ray could not start here; running the {what} in sequence")
+        return False
+    return wanted

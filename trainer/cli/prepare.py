@@ -29,9 +29,10 @@ from trainer.cli.common import (
     app,
     err_console,
     out_console,
+    use_ray,
 )
 from trainer.defenses import BBD_STEPS, prepare_step
-from trainer.grid import run_ray, run_sequential, start_local_ray
+from trainer.grid import run_ray, run_sequential
 from trainer.options import config_options
 from trainer.prepare import DEFAULT_ALPHAS, DEFAULT_GAMMAS, PrepareConfig
 from trainer.report import grid_table
@@ -74,7 +75,8 @@ def prepare_cmd(
         bool | None,
         typer.Option(
             "--parallel/--sequential",
-            help="Run candidates as Ray tasks. Default: when Ray starts and there are 2+ threads.",
+            help="Run the grid's candidates or Neural Cleanse's classes as Ray tasks. "
+            "Default: when Ray starts and there are 2+ threads.",
         ),
     ] = None,
     defense: Annotated[
@@ -148,10 +150,7 @@ def _run_grid(
     base_lr: float | None,
 ) -> tuple[Any, Path]:
     """The GoodNet grid (NNoculation's step), on Ray when it starts, with a progress bar."""
-    use_ray = parallel if parallel is not None else settings.threads > 1
-    runner = run_ray if use_ray and start_local_ray(settings.threads) else run_sequential
-    if use_ray and runner is run_sequential:
-        err_console.print("Ray could not start here; running the candidates in sequence")
+    runner = run_ray if use_ray(parallel, settings.threads, "candidates") else run_sequential
     total = len(cfg.alphas) * len(cfg.gammas) * cfg.folds  # one run per candidate and fold
     with Progress(
         *Progress.get_default_columns(), MofNCompleteColumn(), console=err_console
