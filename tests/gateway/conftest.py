@@ -19,7 +19,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.bundle import load_bundle
-from core.db import open_store, session_factory
+from core.db import open_store, session_factory, transaction
+from core.quarantine import activate_round
 from tests.helpers import (
     ADMIN,
     SHAPE,
@@ -153,3 +154,30 @@ def under_load(
         for f in [pool.submit(client, w) for w in range(clients)]:
             f.result()
         return answers, failures, op.result()
+
+
+def activate(gw: Gateway, round_no: int) -> None:
+    with transaction(gw.sessions) as s:
+        activate_round(session=s, round_no=round_no, activated_by="test")
+
+
+def wait_for(results: list[Any], n: int, timeout: float = 120.0) -> None:
+    """Until ``n`` answers are in; a timeout lets the failures speak instead of a hang."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(results) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def swap_and_roll_back(gw: Gateway, requests: int, new: int = 1, old: int = 0) -> Any:
+    """An ``under_load`` operator: activate round ``new`` after a third of ``requests``
+    answers, and roll back to ``old`` after two thirds."""
+
+    def operator(results: list[Answer]) -> None:
+        wait_for(results, requests // 3)
+        activate(gw, new)
+        wait_for(results, 2 * requests // 3)
+        activate(gw, old)
+
+    return operator

@@ -8,7 +8,6 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -21,9 +20,15 @@ from core.images import encode_png
 from core.pair import ModelPair, RoundDefense
 from core.quarantine import pixel_sha256
 from core.schema import QuarantineSample
-from tests.gateway.conftest import Gateway, Lab, disagreeing_images, keeps_serving, under_load
-from tests.gateway.test_codefend import wait_for
-from tests.gateway.test_defenses import activate
+from tests.gateway.conftest import (
+    Gateway,
+    Lab,
+    activate,
+    disagreeing_images,
+    keeps_serving,
+    swap_and_roll_back,
+    under_load,
+)
 from tests.helpers import TARGET
 from trainer.rounds import publish_round, running_round
 
@@ -58,14 +63,8 @@ def test_a_targeted_round_swaps_in_and_rolls_back_under_load(
     expected = decide_batch(pair, images, TargetedRejectPolicy(defense.params))
     assert all(d.label is None for d in expected[:20])  # the trigger is withheld
 
-    def operator(results: list[Any]) -> None:
-        wait_for(results, REQUESTS // 3)
-        activate(gw, 1)
-        wait_for(results, 2 * REQUESTS // 3)
-        activate(gw, 0)  # rollback
-
     results, failures, _ = under_load(
-        gw, probes, clients=CLIENTS, requests=REQUESTS, operator=operator
+        gw, probes, clients=CLIENTS, requests=REQUESTS, operator=swap_and_roll_back(gw, REQUESTS)
     )
     assert failures == [] and len(results) == REQUESTS
     order = [body["round"] for _, _, body in sorted(results, key=lambda r: r[0])]

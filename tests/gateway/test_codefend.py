@@ -8,7 +8,6 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -22,8 +21,15 @@ from core.pair import ModelPair, RoundDefense
 from core.quarantine import pixel_sha256
 from core.schema import QuarantineSample
 from core.strip import StripParams
-from tests.gateway.conftest import Gateway, Lab, disagreeing_images, keeps_serving, under_load
-from tests.gateway.test_defenses import activate
+from tests.gateway.conftest import (
+    Gateway,
+    Lab,
+    activate,
+    disagreeing_images,
+    keeps_serving,
+    swap_and_roll_back,
+    under_load,
+)
 from tests.helpers import SHAPE, make_blobs
 from trainer.rounds import publish_round, running_round
 from trainer.strip import StripConfig, fit_strip
@@ -56,13 +62,6 @@ def publish_codefend(gw: Gateway, lab: Lab, round_no: int, strip: StripParams) -
         )
 
 
-def wait_for(results: list[Any], n: int, timeout: float = 120.0) -> None:
-    """Until ``n`` answers are in; a timeout lets the failures speak instead of a hang."""
-    deadline = time.monotonic() + timeout
-    while len(results) < n and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
 def test_a_single_model_round_swaps_in_and_rolls_back_under_load(
     gateway_factory: Callable[..., Gateway], lab: Lab
 ) -> None:
@@ -76,14 +75,9 @@ def test_a_single_model_round_swaps_in_and_rolls_back_under_load(
     expected = decide_batch(alone, images, StripPolicy(alone.defense.params))
     assert all(d.suspect for d in expected[:20])  # STRIP sees the lab's patch trigger
 
-    def operator(results: list[Any]) -> None:
-        wait_for(results, REQUESTS // 3)
-        activate(gw, 1)  # the suspect alone, STRIP decides
-        wait_for(results, 2 * REQUESTS // 3)
-        activate(gw, 0)  # rollback: the pair again
-
+    # round 1: the suspect alone, STRIP decides; the rollback serves the pair again
     results, failures, _ = under_load(
-        gw, probes, clients=CLIENTS, requests=REQUESTS, operator=operator
+        gw, probes, clients=CLIENTS, requests=REQUESTS, operator=swap_and_roll_back(gw, REQUESTS)
     )
     assert failures == [] and len(results) == REQUESTS
     order = [body["round"] for _, _, body in sorted(results, key=lambda r: r[0])]

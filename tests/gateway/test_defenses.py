@@ -3,29 +3,28 @@ load without a failed request, and serves a defense registered in test code."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import pytest
 
 from core.bundle import load_bundle
-from core.db import transaction
 from core.defenses import decide_batch
 from core.images import encode_png
 from core.pair import ModelPair, RoundDefense
-from core.quarantine import activate_round
-from tests.gateway.conftest import Gateway, Lab, keeps_serving, publish_pair, under_load
+from tests.gateway.conftest import (
+    Gateway,
+    Lab,
+    activate,
+    keeps_serving,
+    publish_pair,
+    swap_and_roll_back,
+    under_load,
+)
 from tests.plugins.mirror_defense import MirrorCheckPolicy
 
 pytestmark = pytest.mark.integration
 CLIENTS, REQUESTS = 4, 600
-
-
-def activate(gw: Gateway, round_no: int) -> None:
-    with transaction(gw.sessions) as s:
-        activate_round(session=s, round_no=round_no, activated_by="test")
 
 
 def test_a_swap_changes_the_defense_under_load_and_a_rollback_restores_it(
@@ -46,16 +45,9 @@ def test_a_swap_changes_the_defense_under_load_and_a_rollback_restores_it(
     good = np.concatenate([lab.good_labels[:20], lab.clean_labels[:20]])
     triggered = np.arange(len(images)) < 20
 
-    def operator(results: list[Any]) -> None:
-        while len(results) < REQUESTS // 3:
-            time.sleep(0.01)
-        activate(gw, 1)  # the reject rule, on the same models
-        while len(results) < 2 * REQUESTS // 3:
-            time.sleep(0.01)
-        activate(gw, 0)  # a rollback restores the GoodNet policy
-
+    # round 1: the reject rule on the same models; the rollback restores the GoodNet policy
     results, failures, _ = under_load(
-        gw, probes, clients=CLIENTS, requests=REQUESTS, operator=operator
+        gw, probes, clients=CLIENTS, requests=REQUESTS, operator=swap_and_roll_back(gw, REQUESTS)
     )
     assert failures == [] and len(results) == REQUESTS
     order = [body["round"] for _, _, body in sorted(results, key=lambda r: r[0])]
